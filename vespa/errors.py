@@ -1,0 +1,106 @@
+"""One exception per failure Vespa answers itself, each with its HTTP status and a hint.
+
+The proxy turns them into `{"error": {"type", "message", "hint"}}` with `X-Vespa-Error: <type>`;
+the launcher prints `message` and `hint` as two lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+
+class VespaError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    default_hint: ClassVar[str] = ""
+    # Seconds the client may wait before trying again; sent as Retry-After when set.
+    retry_after: ClassVar[int | None] = None
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = self.default_hint if hint is None else hint
+
+    def to_json(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, "hint": self.hint}}
+
+    def body(self) -> bytes:
+        return json.dumps(self.to_json()).encode()
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Vespa-Error": self.type}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
+
+
+# --- the client's request -------------------------------------------------------------------
+class BadCost(VespaError):
+    status, type = 400, "bad_cost"
+    default_hint = "Send X-Serverless-Cost as a positive number of workload units, e.g. 'X-Serverless-Cost: 256'."
+
+
+class BadBody(VespaError):
+    status, type = 400, "bad_body"
+    default_hint = "Vast workers take a JSON body on POST/PUT/PATCH: send valid JSON with Content-Type: application/json."
+
+
+class BodyTooLarge(VespaError):
+    status, type = 413, "body_too_large"
+    default_hint = "Raise the limit with --set vespa_max_body_kb=N if the request is meant to be this big."
+
+
+class ProxyNotConfigured(VespaError):
+    status, type = 503, "not_configured"
+
+
+# --- keys and the account API ---------------------------------------------------------------
+class KeyRejected(VespaError):
+    status, type = 401, "key_rejected"
+
+
+class EndpointNotFound(VespaError):
+    status, type = 404, "endpoint_not_found"
+
+
+class ConsoleError(VespaError):
+    status, type = 502, "console_error"
+
+
+# --- the autoscaler ---------------------------------------------------------------------------
+class AutoscalerUnreachable(VespaError):
+    status, type = 502, "autoscaler_unreachable"
+    default_hint = "Check the network and the autoscaler URL (--autoscaler-url / vespa_autoscaler_url)."
+    retry_after = 5
+
+
+class BadRouteAnswer(VespaError):
+    status, type = 502, "bad_route_answer"
+    default_hint = "The autoscaler answered something Vespa cannot use; this is on Vast's side. Retry, or report it."
+
+
+class NoWorkerInTime(VespaError):
+    status, type = 503, "no_worker_ready"
+    default_hint = (
+        "The endpoint has no worker ready yet (cold start). Retry in a minute, raise the wait with "
+        "--set vespa_route_deadline_s=N, or keep a warm worker (min_load / cold_workers)."
+    )
+    retry_after = 30
+
+
+# --- the worker -------------------------------------------------------------------------------
+class WorkerRejectedSignature(VespaError):
+    status, type = 502, "worker_rejected_signature"
+    default_hint = (
+        "The worker refused the routing signature (its 401). The worker may not have loaded the "
+        "autoscaler's public key yet, or runs another signature generation. Retry; report it if it persists."
+    )
+
+
+class WorkerUnavailable(VespaError):
+    """The worker never took the request: it is safe for the client to send it again."""
+
+    status, type = 503, "worker_unavailable"
+    default_hint = "The request was not processed by any worker and may be retried."
+    retry_after = 2

@@ -1,0 +1,5 @@
+"""Vespa as a mitmproxy script: `mitmdump -s vespa_addon.py --mode reverse:https://run.vast.ai ...`."""
+
+from vespa.addon import Vespa
+
+addons = [Vespa()]
