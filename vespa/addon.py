@@ -1,0 +1,241 @@
+"""The mitmproxy addon: every request to the proxy becomes a routed, signed Vast.ai call.
+
+Per flow: `requestheaders` starts the route call (it overlaps the body upload), `request`
+rewrites the flow to the worker with the signed body, `responseheaders` turns on streaming,
+and `response`/`error` put the client's own request back, so mitmweb, `-w` files and replays
+see what the user sent and never the route signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http
+
+from vespa import wire
+from vespa.errors import BadBody, ProxyNotConfigured, VespaError, WorkerRejectedSignature
+from vespa.routing import Routed, Router, RouterSettings
+
+log = logging.getLogger("vespa")
+
+# Headers that describe one hop, or carry the client's credentials: a rented GPU must never
+# see the client's Authorization or cookies.
+DROP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "proxy-authenticate", "proxy-authorization", "authorization", "cookie",
+    "x-serverless-cost", "content-encoding",
+})
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+OPTIONS = frozenset({"vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s"})
+
+
+@dataclass(slots=True)
+class Flight:
+    """What Vespa holds for one request while it is in flight."""
+
+    route: asyncio.Task[Routed]
+    original: http.Request | None = None
+
+
+class Vespa:
+    def __init__(self) -> None:
+        self.router: Router | None = None
+        self.default_cost = 1.0
+        self.flights: dict[str, Flight] = {}
+
+    # --- lifecycle (kept synchronous: mitmproxy's script loader needs it) -----------------------
+    def load(self, loader) -> None:
+        loader.add_option(
+            "vespa_endpoint", str, "",
+            "Name of the Vast.ai Serverless endpoint to call (default: env VAST_ENDPOINT). "
+            "The endpoint key is read from env VAST_API_KEY, never from an option.",
+        )
+        loader.add_option(
+            "vespa_autoscaler_url", str, "https://run.vast.ai",
+            "Base URL of the Vast autoscaler that answers /route/.",
+        )
+        loader.add_option(
+            "vespa_default_cost", str, "1.0",
+            "Workload units sent to /route/ when a request has no X-Serverless-Cost header.",
+        )
+        loader.add_option(
+            "vespa_route_deadline_s", int, 600,
+            "Seconds to wait for a worker (cold starts take minutes) before answering 503.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # It streams request bodies too: they would leave for the reverse target unsigned.
+            raise exceptions.OptionsError("vespa: stream_large_bodies cannot be used with Vespa; unset it.")
+        if not updated & OPTIONS and self.router is not None:
+            return
+        opts = ctx.options
+        endpoint = opts.vespa_endpoint or os.environ.get("VAST_ENDPOINT", "")
+        if not endpoint:
+            raise exceptions.OptionsError(
+                "vespa: no endpoint name. Give it with --set vespa_endpoint=NAME (or env VAST_ENDPOINT), "
+                "or start through scripts/run.sh."
+            )
+        api_key = os.environ.get("VAST_API_KEY", "").strip()
+        if not api_key:
+            raise exceptions.OptionsError(
+                "vespa: no endpoint key. Put it in the environment as VAST_API_KEY (not on the command "
+                "line: ps shows arguments), or start through scripts/run.sh, which fetches it with your account key."
+            )
+        if not wire.is_http_url(opts.vespa_autoscaler_url):
+            raise exceptions.OptionsError(f"vespa: vespa_autoscaler_url must be an http(s) URL, got {opts.vespa_autoscaler_url!r}.")
+        if opts.vespa_route_deadline_s <= 0:
+            raise exceptions.OptionsError("vespa: vespa_route_deadline_s must be a positive number of seconds.")
+        try:
+            self.default_cost = wire.parse_cost(opts.vespa_default_cost, 1.0)
+        except VespaError as e:
+            raise exceptions.OptionsError(f"vespa: vespa_default_cost: {e.message}") from None
+        self._close_router()
+        self.router = Router(RouterSettings(
+            autoscaler_url=opts.vespa_autoscaler_url,
+            endpoint=endpoint,
+            api_key=api_key,
+            key_source=os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY"),
+            deadline_s=opts.vespa_route_deadline_s,
+        ))
+
+    def done(self) -> None:
+        self._close_router()
+        for flight in self.flights.values():
+            flight.route.cancel()
+
+    def _close_router(self) -> None:
+        if self.router is None:
+            return
+        try:
+            asyncio.get_running_loop().create_task(self.router.close())
+        except RuntimeError:
+            pass  # no loop left: the process is exiting and the sockets go with it
+        self.router = None
+
+    # --- flow hooks ---------------------------------------------------------------------------------
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live or flow.response:
+            return
+        try:
+            if self.router is None:
+                raise ProxyNotConfigured("Vespa is not configured", hint="See the proxy's start-up log.")
+            cost = wire.parse_cost(flow.request.headers.get("x-serverless-cost"), self.default_cost)
+        except VespaError as e:
+            return self._answer(flow, e)
+        # Started now so the route call overlaps the upload of the body.
+        self.flights[flow.id] = Flight(asyncio.ensure_future(self.router.route(cost)))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        flight = self.flights.get(flow.id)
+        if flight is None or not flow.live or flow.response:
+            return
+        try:
+            payload = _json_payload(flow.request)
+            routed = await flight.route
+            flight.original = flow.request.copy()
+            _rewrite(flow.request, routed.ready, payload)
+        except VespaError as e:
+            self._end(flow)
+            return self._answer(flow, e)
+        except Exception as e:  # fail closed: never let the flow reach the reverse target unsigned
+            log.exception("vespa: internal error")
+            self._end(flow)
+            return self._answer(flow, VespaError(f"internal error in Vespa: {type(e).__name__}", hint="See the proxy log."))
+        ready = routed.ready
+        flow.metadata["vespa"] = {
+            "endpoint": ready.auth_data.get("endpoint"),
+            "worker": ready.url,
+            "request_idx": ready.request_idx,
+            "cost": ready.auth_data.get("cost"),
+            "route_ms": round(routed.route_ms, 1),
+            "polls": routed.polls,
+            "retries": routed.retries,
+        }
+        flow.comment = (
+            f"vespa: {ready.url} idx={ready.request_idx} cost={ready.auth_data.get('cost')} "
+            f"route={routed.route_ms:.0f}ms polls={routed.polls}"
+        )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self.flights or not flow.live:
+            return
+        headers = flow.response.headers
+        if _is_stream(headers):
+            flow.response.stream = True
+            if headers.get("content-type", "").startswith("text/event-stream"):
+                headers["cache-control"] = "no-cache"
+                headers["x-accel-buffering"] = "no"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self.flights:
+            return
+        if flow.response.status_code == 401 and not flow.response.stream:
+            self._answer(flow, WorkerRejectedSignature(
+                f"the worker {flow.metadata.get('vespa', {}).get('worker')} rejected the routing signature (401)"
+            ))
+        self._end(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self.flights:
+            self._end(flow)
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _end(self, flow: http.HTTPFlow) -> None:
+        """Forget the flight and show the client's own request again (no signature kept)."""
+        flight = self.flights.pop(flow.id, None)
+        if flight is None:
+            return
+        flight.route.cancel()
+        if flight.original is not None:
+            flow.request = flight.original
+
+    @staticmethod
+    def _answer(flow: http.HTTPFlow, err: VespaError) -> None:
+        flow.response = http.Response.make(err.status, err.body(), err.headers())
+        flow.comment = f"vespa: {err.type}: {err.message}"
+        flow.marked = ":warning:"
+        log.warning("vespa: %s %s -> %d %s: %s", flow.request.method, flow.request.path, err.status, err.type, err.message)
+
+
+def _json_payload(request: http.Request) -> bytes:
+    """The client's body, checked to be JSON where the worker expects a JSON payload."""
+    if request.method not in wire.BODY_METHODS:
+        return b""
+    try:
+        payload = request.content or b""
+    except ValueError as e:  # undecodable Content-Encoding
+        raise BadBody(f"cannot decode the request body: {e}") from None
+    if payload.strip():
+        try:
+            json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadBody(f"the request body is not valid JSON ({e})") from None
+    return payload
+
+
+def _rewrite(request: http.Request, ready: wire.RouteReady, payload: bytes) -> None:
+    connection_tokens = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
+    for name in list(request.headers.keys()):
+        lname = name.lower()
+        if lname in DROP_HEADERS or lname in connection_tokens:
+            del request.headers[name]
+    # The URL setter also points Host at the worker.
+    request.url = ready.url + request.path
+    if request.method in wire.BODY_METHODS:
+        request.headers["content-type"] = "application/json"
+        request.content = wire.worker_body(ready.auth_data, payload)
+    else:
+        query = [(k, v) for k, v in request.query.items(multi=True) if not k.startswith(wire.QUERY_PREFIX)]
+        request.query = query + wire.auth_query(ready.auth_data)
+
+
+def _is_stream(headers: http.Headers) -> bool:
+    content_type = headers.get("content-type", "").lower()
+    if content_type.startswith(STREAM_TYPES) or "stream" in content_type:
+        return True
+    return "chunked" in headers.get("transfer-encoding", "").lower() and "content-length" not in headers
