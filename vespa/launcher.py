@@ -1,0 +1,591 @@
+"""`scripts/run.sh`: find the endpoint and its key, then start mitmproxy with vespa_addon.py.
+
+Keys reach mitmproxy only through its environment (VAST_API_KEY), never its arguments, which
+any local user can read in `ps`. The account key is not handed on at all: the addon needs
+only the endpoint key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import getpass
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator, NoReturn
+
+import requests
+
+from vespa import console, keys
+from vespa.errors import AutoscalerUnreachable, EndpointNotFound, KeyRejected, VespaError
+
+REPO = Path(__file__).resolve().parent.parent
+ADDON = REPO / "vespa_addon.py"
+DEFAULT_PORT = 8010
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+DEMO_READY_TIMEOUT_S = 30.0
+RULE = "=" * 60
+
+
+@dataclass(frozen=True)
+class Instance:
+    autoscaler_url: str
+    console_url: str
+
+
+INSTANCES = {
+    "prod": Instance("https://run.vast.ai", "https://console.vast.ai"),
+    "alpha": Instance("https://run-alpha.vast.ai", "https://alpha.vast.ai"),
+    "candidate": Instance("https://run-candidate.vast.ai", "https://candidate.vast.ai"),
+}
+
+
+class UsageError(VespaError):
+    type = "usage"
+
+
+class PortInUse(VespaError):
+    type = "port_in_use"
+
+
+class LaunchError(VespaError):
+    type = "launch_failed"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the proxy serves: an endpoint, its key, and a masked account of where the key came from."""
+
+    endpoint: str
+    key: str = field(repr=False)
+    key_source: str
+    direct: bool  # the key was given as an endpoint key, not fetched through the console
+
+
+@dataclass(frozen=True)
+class Proxy:
+    target: Target
+    host: str
+    port: int
+    autoscaler_url: str
+    web: bool
+    debug: bool
+    extra: list[str]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+# --- command line -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/run.sh",
+        usage="%(prog)s [options] [-- MITMPROXY_ARGS ...]",
+        description="Vespa: a local proxy that makes a Vast.ai Serverless endpoint look like a plain HTTP server.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    g = p.add_argument_group("endpoint and keys (flags > environment > key files)")
+    g.add_argument("--endpoint", metavar="NAME", help="endpoint name (or env VAST_ENDPOINT)")
+    g.add_argument("--api-key", metavar="KEY", help="the endpoint's own API key (or env VAST_API_KEY)")
+    g.add_argument(
+        "--account-key",
+        metavar="KEY",
+        help="account API key; Vespa fetches the endpoint key with it (or env VAST_ACCOUNT_KEY, "
+        "or the key file ~/.config/vastai/vast_api_key or ~/.vast_api_key)",
+    )
+    g.add_argument("--list", action="store_true", help="list the account's endpoints and exit (needs the account key)")
+    g = p.add_argument_group("local proxy")
+    g.add_argument("--port", type=int, metavar="PORT", help=f"port to listen on (default: {DEFAULT_PORT})")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to listen on (default: 127.0.0.1; anything else makes the proxy reachable from the network)",
+    )
+    g.add_argument("--web", action="store_true", help="run mitmweb (web UI to inspect requests) instead of mitmdump")
+    g.add_argument("--debug", action="store_true", help="verbose mitmproxy log, and tracebacks on errors")
+    g = p.add_argument_group("Vast services")
+    g.add_argument(
+        "--instance",
+        choices=list(INSTANCES),
+        default="prod",
+        help="which Vast deployment (default: prod): sets the two URLs below",
+    )
+    g.add_argument("--autoscaler-url", metavar="URL", help="autoscaler base URL (default: https://run.vast.ai)")
+    g.add_argument(
+        "--console-url",
+        metavar="URL",
+        help="account API base URL (default: https://console.vast.ai; or env VAST_URL)",
+    )
+    g = p.add_argument_group("try it")
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="start a local Vast emulator with a demo endpoint and serve it; no account needed",
+    )
+    return p
+
+
+EPILOG = """\
+mitmproxy:
+  -- ARGS              everything after -- goes to mitmdump/mitmweb, e.g. -- -w flows.mitm
+
+interactive mode:
+  With no endpoint or no key, and a terminal, Vespa asks for the account key (hidden), lists
+  the endpoints to choose from, and can save the key to ~/.config/vastai/vast_api_key (0600).
+  Without a terminal, missing information is an error (exit status 2).
+
+examples:
+  scripts/run.sh --demo
+  VAST_ACCOUNT_KEY=... scripts/run.sh --endpoint my-endpoint
+  scripts/run.sh --list
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Everything after the first `--` is mitmproxy's, untouched."""
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a TCP port", "Use a number from 1 to 65535, e.g. --port 8010.")
+    return args, extra
+
+
+def service_urls(args: argparse.Namespace) -> Instance:
+    default = INSTANCES[args.instance]
+    return Instance(
+        (args.autoscaler_url or default.autoscaler_url).rstrip("/"),
+        (args.console_url or os.environ.get("VAST_URL") or default.console_url).rstrip("/"),
+    )
+
+
+def say(line: str = "") -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --- choosing the endpoint and its key ----------------------------------------------------------
+def through_console(account: keys.Secret, name: str, console_url: str) -> Target:
+    say(f"Fetching the key of endpoint '{name}' with the account key from {account.describe()} ...")
+    key = console.fetch_endpoint_key(account.value, name, console_url)
+    return Target(name, key, f"account key from {account.describe()} via the console", direct=False)
+
+
+def missing_info(resolved: keys.Resolved) -> UsageError:
+    key_file = "~/.config/vastai/vast_api_key"
+    if resolved.endpoint is None and resolved.account_key is None and resolved.endpoint_key is None:
+        return UsageError(
+            "no endpoint and no key given, and no terminal to ask for them",
+            f"Pass --endpoint NAME and an account key (env VAST_ACCOUNT_KEY or the key file {key_file}), "
+            "or try Vespa without an account: scripts/run.sh --demo",
+        )
+    if resolved.endpoint is None:
+        listing = " (--list shows them)" if resolved.account_key else ""
+        return UsageError(
+            "no endpoint name given, and no terminal to ask for one",
+            f"Pass --endpoint NAME or set env VAST_ENDPOINT{listing}.",
+        )
+    return UsageError(
+        f"no key for endpoint '{resolved.endpoint.value}', and no terminal to ask for one",
+        f"Set env VAST_ACCOUNT_KEY (account key) or VAST_API_KEY (endpoint key), or save the account key "
+        f"in {key_file} (chmod 600).",
+    )
+
+
+def choose_target(args: argparse.Namespace, resolved: keys.Resolved, urls: Instance) -> tuple[Target, int]:
+    port = args.port or DEFAULT_PORT
+    name = resolved.endpoint.value if resolved.endpoint else None
+    if name and resolved.prefers_endpoint_key():
+        ep_key = resolved.endpoint_key
+        return Target(name, ep_key.value, f"endpoint key from {ep_key.describe()}", direct=True), port
+    if name and resolved.account_key:
+        return through_console(resolved.account_key, name, urls.console_url), port
+    if name is None and resolved.endpoint_key and not resolved.account_key:
+        raise missing_info(resolved)  # an endpoint key cannot list endpoints: asking would not help
+    if not sys.stdin.isatty():
+        raise missing_info(resolved)
+    return Interactive(urls.console_url).run(resolved, name, args.port)
+
+
+def is_port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As mitmproxy binds: a socket left in TIME_WAIT does not count as taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_port(host: str, port: int) -> None:
+    if not is_port_free(host, port):
+        raise PortInUse(
+            f"port {port} on {host} is already in use",
+            f"Stop what is listening there (`ss -ltnp 'sport = :{port}'` shows it), or pick another port: --port {port + 1}.",
+        )
+
+
+class Interactive:
+    """The prompts of the user's brief: account key (hidden), endpoint by number, port, save."""
+
+    def __init__(self, console_url: str) -> None:
+        self.console_url = console_url
+
+    def run(self, resolved: keys.Resolved, name: str | None, port: int | None) -> tuple[Target, int]:
+        print(f"{RULE}\n  Vespa - Interactive Setup\n{RULE}\n")
+        account, endpoints = self.account_and_endpoints(resolved.account_key)
+        if name is None:
+            name = self.pick(endpoints).name
+        if port is None:
+            port = self.ask_port()
+        print(f"\nFetching endpoint API key for '{name}'...")
+        key = console.find_endpoint(endpoints, name).api_key
+        print("Successfully retrieved endpoint API key")
+        if account.path is None:
+            self.offer_to_save(account)
+        return Target(name, key, f"account key from {account.describe()} via the console", direct=False), port
+
+    def account_and_endpoints(self, known: keys.Secret | None) -> tuple[keys.Secret, list[console.Endpoint]]:
+        if known is not None:
+            print(f"Using the account key from {known.describe()}.")
+            return known, self.fetch(known)
+        print("First, we need your Vast.ai account API key.")
+        print(f"(Get it from: {self.console_url}/account)\n")
+        for attempt in range(3):
+            typed = getpass.getpass("Enter account API key: ").strip()
+            if not typed:
+                continue
+            secret = keys.Secret(typed, "the prompt", keys.FLAG)
+            try:
+                return secret, self.fetch(secret)
+            except KeyRejected as exc:
+                if attempt == 2:
+                    raise
+                print(f"error: {exc.message}\nhint: {exc.hint}\n")
+        raise UsageError("no account key entered", "Paste the key from the console's account page.")
+
+    def fetch(self, account: keys.Secret) -> list[console.Endpoint]:
+        print("\nFetching your endpoints...")
+        endpoints = console.list_endpoints(account.value, self.console_url)
+        if not endpoints:
+            console.find_endpoint(endpoints, "")  # raises the "no endpoints" error with its hint
+        return endpoints
+
+    def pick(self, endpoints: list[console.Endpoint]) -> console.Endpoint:
+        print(f"\nAvailable endpoints ({len(endpoints)}):")
+        for i, ep in enumerate(endpoints, 1):
+            print(f"  {i}. {ep.name}  ({ep.state})")
+        while True:
+            answer = input(f"\nSelect endpoint [1-{len(endpoints)}]: ").strip()
+            if answer.isdigit() and 1 <= int(answer) <= len(endpoints):
+                return endpoints[int(answer) - 1]
+            print(f"Please enter a number from 1 to {len(endpoints)}.")
+
+    def ask_port(self) -> int:
+        while True:
+            answer = input(f"\nLocal proxy port [{DEFAULT_PORT}]: ").strip() or str(DEFAULT_PORT)
+            if answer.isdigit() and 0 < int(answer) < 65536:
+                return int(answer)
+            print("Please enter a port number from 1 to 65535.")
+
+    def offer_to_save(self, account: keys.Secret) -> None:
+        path = keys.default_key_file()
+        replaces = " (replacing the file there)" if path.exists() else ""
+        answer = input(f"\nSave this account key to {path}{replaces} for next time (mode 0600)? [y/N]: ")
+        if answer.strip().lower() in ("y", "yes"):
+            try:
+                keys.save_key_file(account.value, path)
+            except OSError as exc:
+                print(f"warning: could not save the key: {exc.strerror}")
+                return
+            print(f"Saved to {path}.")
+
+
+# --- checking the autoscaler --------------------------------------------------------------------
+def preflight(proxy: Proxy) -> None:
+    """One route call with cost 0 (no load, as the SDK polls) to fail now on a wrong key or URL."""
+    t = proxy.target
+    url = f"{proxy.autoscaler_url}/route/"
+    try:
+        resp = requests.post(
+            url,
+            json={"endpoint": t.endpoint, "cost": 0},
+            headers={"Authorization": f"Bearer {t.key}"},
+            timeout=10,
+        )
+    except requests.RequestException as exc:
+        raise AutoscalerUnreachable(f"cannot reach the autoscaler at {url}: {type(exc).__name__}") from exc
+    if resp.status_code == 401:
+        raise KeyRejected(f"the autoscaler rejected the {t.key_source} for endpoint '{t.endpoint}'", _rejected_hint(t))
+    if resp.status_code == 400:
+        raise EndpointNotFound(
+            f"the autoscaler does not know endpoint '{t.endpoint}' ({resp.text.strip()[:200]})",
+            "Endpoint names are case-sensitive; with your account key, --list shows them.",
+        )
+    if resp.status_code != 200:
+        say(f"warning: the autoscaler answered {resp.status_code} to a test route; starting anyway")
+
+
+def _rejected_hint(t: Target) -> str:
+    if t.direct:
+        return (
+            "/route/ takes the endpoint's own key; an account key gives 401. If this is your account key, "
+            "pass it with --account-key (or env VAST_ACCOUNT_KEY) and Vespa fetches the endpoint key. "
+            "Note: here VAST_API_KEY means the endpoint key, unlike in the vastai CLI."
+        )
+    return "The console's key for this endpoint was refused: it may just have been rotated. Retry in a minute."
+
+
+# --- starting mitmproxy -------------------------------------------------------------------------
+def mitm_binary(web: bool) -> Path:
+    binary = Path(sys.executable).parent / ("mitmweb" if web else "mitmdump")
+    if not binary.exists():
+        raise LaunchError(
+            f"{binary.name} not found next to {sys.executable}",
+            "Start Vespa with scripts/run.sh, which installs mitmproxy into the repo's .venv.",
+        )
+    return binary
+
+
+def mitm_command(proxy: Proxy) -> list[str]:
+    cmd = [
+        str(mitm_binary(proxy.web)),
+        "-s", str(ADDON),
+        "--mode", f"reverse:{proxy.autoscaler_url}",
+        "--listen-host", proxy.host,
+        "-p", str(proxy.port),
+        "--set", f"vespa_endpoint={proxy.target.endpoint}",
+        "--set", f"vespa_autoscaler_url={proxy.autoscaler_url}",
+        "--set", "connection_strategy=lazy",
+        "--set", "flow_detail=0",
+    ]  # fmt: skip
+    if proxy.debug:
+        cmd += ["--set", "termlog_verbosity=debug"]
+    return cmd + proxy.extra
+
+
+def mitm_env(proxy: Proxy) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != keys.ACCOUNT_ENV}
+    env[keys.ENDPOINT_KEY_ENV] = proxy.target.key
+    env["VESPA_KEY_SOURCE"] = proxy.target.key_source
+    return env
+
+
+def banner(proxy: Proxy) -> None:
+    print(f"\n{RULE}")
+    print(f"  Starting proxy for: {proxy.target.endpoint}")
+    print(f"  Listening on: {proxy.url}")
+    print(f"  Key: {proxy.target.key_source}")
+    print(f"  Autoscaler: {proxy.autoscaler_url}")
+    if proxy.web:
+        print("  Web UI: mitmweb prints its address (with its access token) below; default http://127.0.0.1:8081")
+    print(f"{RULE}\n", flush=True)
+
+
+def start_proxy(proxy: Proxy) -> NoReturn:
+    """Become mitmproxy: no parent left to orphan it, and the launcher's own argv (which may hold
+    a key flag) is replaced by mitmproxy's."""
+    cmd = mitm_command(proxy)
+    banner(proxy)
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, mitm_env(proxy))
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run mitmproxy in its own session so one Ctrl-C reaches it once, through us."""
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop(child)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- --list -------------------------------------------------------------------------------------
+def list_endpoints(resolved: keys.Resolved, urls: Instance) -> int:
+    account = resolved.account_key
+    if account is None:
+        endpoint_key_note = (
+            f" The key in {resolved.endpoint_key.source} is read as an endpoint key, which cannot list endpoints."
+            if resolved.endpoint_key
+            else ""
+        )
+        raise UsageError(
+            "--list needs your account key",
+            "Pass --account-key, set env VAST_ACCOUNT_KEY, or save it in ~/.config/vastai/vast_api_key."
+            + endpoint_key_note,
+        )
+    say(f"Listing endpoints with the account key from {account.describe()} ...")
+    endpoints = console.list_endpoints(account.value, urls.console_url)
+    if not endpoints:
+        print(f"No endpoints found for this account on {urls.console_url}.")
+        say(
+            f"hint: create one at {urls.console_url}/endpoints, check that {account.describe()} is the account "
+            "key (not an endpoint key), or pick the right deployment with --instance alpha|candidate."
+        )
+        return 0
+    width = max(len("NAME"), *(len(ep.name) for ep in endpoints))
+    print(f"Available endpoints ({len(endpoints)}):")
+    print(f"  {'NAME':<{width}}  {'STATE':<10}  MAX WORKERS")
+    for ep in endpoints:
+        max_workers = "-" if ep.max_workers is None else ep.max_workers
+        print(f"  {ep.name:<{width}}  {ep.state:<10}  {max_workers}")
+    return 0
+
+
+# --- --demo -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def emulator() -> Iterator[dict]:
+    """The local emulator as a child, yielding its ready line; stopped on the way out."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vespa.emulator", "--cold-start", "3"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            yield _ready_line(proc, out, err)
+        finally:
+            _stop(proc)
+
+
+def _ready_line(proc: subprocess.Popen, out: IO[bytes], err: IO[bytes]) -> dict:
+    """Its output goes to a file, not a pipe, so nothing blocks if nobody reads it later."""
+    deadline = time.monotonic() + DEMO_READY_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        out.seek(0)
+        line = out.readline()
+        if line.endswith(b"\n"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+        time.sleep(0.05)
+    err.seek(0)
+    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    raise LaunchError(
+        "the demo emulator did not start" + (":\n  " + "\n  ".join(tail) if tail else ""),
+        f"Try it by hand: {sys.executable} -m vespa.emulator --cold-start 3",
+    )
+
+
+def demo_examples(proxy: Proxy) -> None:
+    body = '{"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'
+    print(f"Base URL: {proxy.url}   (OpenAI-style: {proxy.url}/v1)\n")
+    print("Try it from another terminal:\n")
+    print(f"  curl --no-buffer {proxy.url}/v1/chat/completions \\")
+    print("    -H 'Content-Type: application/json' \\")
+    print(f"    -d '{body}'\n")
+    print(f"""  {sys.executable} - <<'EOF'
+  from openai import OpenAI
+  client = OpenAI(base_url="{proxy.url}/v1", api_key="not-used")
+  stream = client.chat.completions.create(
+      model="demo", messages=[{{"role": "user", "content": "Hello!"}}], stream=True)
+  for chunk in stream:
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+  print()
+  EOF
+""")
+    print("The demo endpoint has a 3 s cold start: the first request waits for a worker.")
+    print("Ctrl-C stops the proxy and the emulator.\n", flush=True)
+
+
+def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    port = args.port or DEFAULT_PORT
+    check_port(args.host, port)
+    say("Starting the local Vast emulator ...")
+    with emulator() as ready:
+        account = keys.Secret(ready["account_key"], "the demo emulator", keys.FLAG)
+        name = args.endpoint or ready["endpoints"][0]["name"]
+        target = through_console(account, name, ready["console_url"])
+        proxy = Proxy(target, args.host, port, ready["autoscaler_url"], args.web, args.debug, extra)
+        preflight(proxy)
+        cmd = mitm_command(proxy)
+        banner(proxy)
+        demo_examples(proxy)
+        return run_child(cmd, mitm_env(proxy))
+
+
+# --- main ---------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.host not in LOCAL_HOSTS:
+        say(f"warning: listening on {args.host}: the proxy, and your endpoint with it, is reachable from the network.")
+    if args.demo:
+        return run_demo(args, extra)
+    if args.account_key or args.api_key:
+        say(
+            "note: a key given as a flag is visible to other local users in `ps` while Vespa starts; "
+            "prefer env VAST_ACCOUNT_KEY / VAST_API_KEY or the key file ~/.config/vastai/vast_api_key."
+        )
+    urls = service_urls(args)
+    resolved = keys.resolve(account_key=args.account_key, api_key=args.api_key, endpoint=args.endpoint)
+    for warning in resolved.warnings:
+        say(f"warning: {warning}")
+    if args.list:
+        return list_endpoints(resolved, urls)
+    target, port = choose_target(args, resolved, urls)
+    check_port(args.host, port)
+    proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra)
+    preflight(proxy)
+    start_proxy(proxy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = None, []
+    try:
+        args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+        return run(args, extra)
+    except VespaError as exc:
+        if args is not None and args.debug:
+            traceback.print_exc()
+        say(f"error: {exc.message}")
+        if exc.hint:
+            say(f"hint: {exc.hint}")
+        return 2 if isinstance(exc, UsageError) else 1
+    except (KeyboardInterrupt, EOFError):
+        say("\nInterrupted.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
