@@ -44,5 +44,7 @@ vespa_venv() {
     echo "error: pip install failed (see above)." >&2; return 2
   fi
   rm -f "$log"
-  echo "$want" > "$stamp"
+  # Append: run.sh (runtime only) and test.sh (runtime + test) share the venv; each set keeps
+  # its own line, so alternating between them never reinstalls.
+  echo "$want" >> "$stamp"
 }
