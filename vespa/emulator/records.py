@@ -1,0 +1,66 @@
+"""What crossed the wire, so tests assert on real traffic rather than on the emulator's intent.
+
+Records are appended from the event loop's thread once a request is finished; readers in
+other threads only ever see whole records, because list.append is atomic under the GIL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+KeySource = Literal["bearer", "body", "query"]
+
+
+@dataclass
+class RouteRecord:
+    time: float
+    endpoint: Any
+    cost: Any  # the raw JSON value: an int stays an int
+    request_idx_in: Any
+    request_idx_out: int | None
+    status_code: int
+    ready: bool
+    worker_url: str | None
+    key_source: KeySource | None
+    headers: dict[str, str]
+
+
+@dataclass
+class ConsoleRecord:
+    time: float
+    method: str
+    path: str
+    status_code: int
+    key_source: KeySource | None
+
+
+@dataclass
+class WorkerRecord:
+    time: float
+    worker_id: int
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    payload: Any = None
+    auth_data: dict[str, Any] | None = None
+    signature_ok: bool | None = None
+    status_code: int | None = None
+    reached_backend: bool = False
+    chunks_sent: int = 0
+    client_disconnected: bool = False
+    # Which WorkerFaults knob decided the outcome: "status", "stall", "die_after_chunks".
+    fault: str | None = None
+
+
+@dataclass
+class Records:
+    route: list[RouteRecord] = field(default_factory=list)
+    console: list[ConsoleRecord] = field(default_factory=list)
+    worker: list[WorkerRecord] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.route.clear()
+        self.console.clear()
+        self.worker.clear()
