@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from vespa.emulator.keys import find_key
-from vespa.emulator.records import ConsoleRecord, Records
+from vespa.emulator.records import ConsoleRecord, KeySource, Records
 
 if TYPE_CHECKING:
     from vespa.emulator import EmulatorConfig, EndpointConfig
@@ -64,8 +64,7 @@ class Console:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        key, source = find_key(request.headers, _json_body(await request.read()), request.query)
-        request["key"] = key
+        _, source = await _key_of(request)
         rec = ConsoleRecord(time.monotonic(), request.method, request.path, 500, source)
         try:
             response = await handler(request)
@@ -81,7 +80,7 @@ class Console:
         return web.Response(status=404, text="Not Found")
 
     async def _endptjobs(self, request: web.Request) -> web.Response:
-        key: str | None = request["key"]
+        key, _ = await _key_of(request)
         rate = self._config.console_rate_limit
         if rate is not None and not self._limiter.allow(key or "", rate):
             return web.json_response({"detail": f"API requests too frequent endpoint threshold={rate}"}, status=429)
@@ -114,6 +113,10 @@ class Console:
             "auto_delete_in_seconds": None,
             "auto_delete_due_24h": False,
         }
+
+
+async def _key_of(request: web.Request) -> tuple[str | None, KeySource | None]:
+    return find_key(request.headers, _json_body(await request.read()), request.query)
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:

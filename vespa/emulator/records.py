@@ -1,7 +1,9 @@
 """What crossed the wire, so tests assert on real traffic rather than on the emulator's intent.
 
-Records are appended from the event loop's thread once a request is finished; readers in
-other threads only ever see whole records, because list.append is atomic under the GIL.
+Records are appended from the event loop's thread (list.append is atomic, so other threads
+may read the lists). Route and console records are appended once answered; a worker record
+as soon as the request arrives, then completed in place, its fields final before the last
+byte of the response is sent (client_disconnected is set when the disconnect is seen).
 """
 
 from __future__ import annotations

@@ -162,6 +162,9 @@ class Worker:
             time=time.monotonic(), worker_id=self.id, method=request.method, path=request.path,
             query=dict(request.query), headers=dict(request.headers),
         )
+        # Published now and completed in place: every field is final before the client can
+        # see the end of the response, so a test never races the record.
+        self._records.worker.append(rec)
         try:
             call = await self._accept(request, rec)
             return await self._serve(request, rec, call)
@@ -172,8 +175,6 @@ class Worker:
             # Cancelled only by a lost connection; a die_after_chunks abort is our own doing.
             rec.client_disconnected = rec.fault != "die_after_chunks"
             raise
-        finally:
-            self._records.worker.append(rec)
 
     async def _accept(self, request: web.Request, rec: WorkerRecord) -> _Call:
         """Parse and verify, or raise Rejected with the real worker's answer."""
@@ -246,8 +247,8 @@ class Worker:
         for name, value in upstream.headers.items():
             if name.lower() not in NOT_FORWARDED_RESPONSE:
                 resp.headers.add(name, value)
-        await resp.prepare(request)
         rec.status_code = upstream.status
+        await resp.prepare(request)
         if self._dies_now(request, rec):
             return resp
         try:
