@@ -516,7 +516,8 @@ def demo_examples(proxy: Proxy) -> None:
     print(f"  curl --no-buffer {proxy.url}/v1/chat/completions \\")
     print("    -H 'Content-Type: application/json' \\")
     print(f"    -d '{body}'\n")
-    print(f"""  {sys.executable} - <<'EOF'
+    print(f"""  # with the openai package (pip install openai):
+  python3 - <<'EOF'
   from openai import OpenAI
   client = OpenAI(base_url="{proxy.url}/v1", api_key="not-used")
   stream = client.chat.completions.create(

@@ -1,0 +1,511 @@
+"""scripts/run.sh end to end: key sources, the console path, errors and hints, the interactive
+mode in a real pseudo-terminal, and --demo streaming through a real mitmdump.
+
+Most paths run `launcher.main()` in-process against an emulator, with `os.execve` caught so
+no mitmdump starts; the rest run scripts/run.sh as a subprocess. Ports are picked at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from vespa import launcher
+from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SH = REPO / "scripts" / "run.sh"
+VAST_VARS = ("XDG_CONFIG_HOME", "VAST_ACCOUNT_KEY", "VAST_API_KEY", "VAST_ENDPOINT", "VAST_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat_file.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def proc_file(pid: int, name: str) -> str:
+    return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode()
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vast() -> Iterator[Emulator]:
+    config = EmulatorConfig(
+        endpoints=[
+            EndpointConfig(name="llm-prod", workers=1, max_workers=4),
+            EndpointConfig(name="llm-staging", workers=1, state="stopped", max_workers=2),
+        ],
+        console_rate_limit=None,
+        ttft_ms=5,
+        tokens_per_s=1000.0,
+    )
+    with Emulator(config) as emu:
+        yield emu
+
+
+def ep_key(emu: Emulator, name: str = "llm-prod") -> str:
+    return next(ep.api_key for ep in emu.config.endpoints if ep.name == name)
+
+
+def secrets_of(emu: Emulator) -> list[str]:
+    return [emu.config.account_key, *(ep.api_key for ep in emu.config.endpoints)]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean HOME and no Vast variables, for this process and the ones it starts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in VAST_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+def write_key(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+
+
+class Exec(Exception):
+    def __init__(self, path: str, argv: list[str], env: dict[str, str]) -> None:
+        self.path, self.argv, self.env = path, argv, env
+
+
+@dataclass
+class Result:
+    rc: int | None  # None: the launcher got as far as starting mitmproxy
+    out: str
+    err: str
+    exec: Exec | None
+
+
+@pytest.fixture
+def launch(home: Path, vast: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Run the launcher in-process against `vast`; starting mitmproxy is caught, not done."""
+
+    def fake_execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        raise Exec(path, argv, env)
+
+    monkeypatch.setattr(launcher.os, "execve", fake_execve)
+
+    def run(*argv: str, emu: Emulator = vast, urls: bool = True) -> Result:
+        base = ["--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url] if urls else []
+        if "--port" not in argv:
+            base += ["--port", str(free_port())]
+        try:
+            rc, started = launcher.main([*base, *argv]), None
+        except Exec as e:
+            rc, started = None, e
+        out, err = capsys.readouterr()
+        for secret in secrets_of(emu):
+            assert secret not in out + err, "a key was printed in full"
+        if started is not None:
+            assert not any(secret in arg for arg in started.argv for secret in secrets_of(emu))
+            assert "VAST_ACCOUNT_KEY" not in started.env
+        return Result(rc, out, err, started)
+
+    return run
+
+
+# --- key sources and their priority -------------------------------------------------------------
+def test_endpoint_key_from_flag(launch, vast: Emulator) -> None:
+    calls = len(vast.records.console)
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast))
+    assert r.exec.env["VAST_API_KEY"] == ep_key(vast)
+    assert r.exec.env["VESPA_KEY_SOURCE"] == f"endpoint key from --api-key (...{ep_key(vast)[-4:]})"
+    assert "visible to other local users in `ps`" in r.err
+    assert len(vast.records.console) == calls  # an endpoint key needs no console call
+
+
+def test_endpoint_key_and_name_from_env(launch, vast: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAST_API_KEY", ep_key(vast))
+    monkeypatch.setenv("VAST_ENDPOINT", "llm-prod")
+    r = launch()
+    assert r.exec.env["VAST_API_KEY"] == ep_key(vast)
+    assert r.exec.env["VESPA_KEY_SOURCE"].startswith("endpoint key from env VAST_API_KEY (...")
+    assert "`ps`" not in r.err
+    assert "vespa_endpoint=llm-prod" in r.exec.argv
+
+
+def test_account_key_from_env_goes_through_the_console(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_ACCOUNT_KEY", vast.config.account_key)
+    calls = len(vast.records.console)
+    r = launch("--endpoint", "llm-staging")
+    assert r.exec.env["VAST_API_KEY"] == ep_key(vast, "llm-staging")
+    assert r.exec.env["VESPA_KEY_SOURCE"] == (
+        f"account key from env VAST_ACCOUNT_KEY (...{vast.config.account_key[-4:]}) via the console"
+    )
+    assert len(vast.records.console) == calls + 1
+
+
+@pytest.mark.parametrize("where", ["xdg", "dot-config", "legacy"])
+def test_account_key_from_key_files(launch, vast: Emulator, home: Path, monkeypatch, where: str) -> None:
+    path = {
+        "xdg": home / "xdg" / "vastai" / "vast_api_key",
+        "dot-config": home / ".config" / "vastai" / "vast_api_key",
+        "legacy": home / ".vast_api_key",
+    }[where]
+    if where == "xdg":
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "xdg"))
+    write_key(path, vast.config.account_key)
+    r = launch("--endpoint", "llm-prod")
+    assert r.exec.env["VAST_API_KEY"] == ep_key(vast)
+    assert "account key from file" in r.exec.env["VESPA_KEY_SOURCE"]
+    assert path.name in r.exec.env["VESPA_KEY_SOURCE"]
+
+
+def test_priority_flag_over_env_over_file(launch, vast: Emulator, home: Path, monkeypatch) -> None:
+    write_key(home / ".vast_api_key", "file-key-that-is-wrong-0000")
+    monkeypatch.setenv("VAST_ENDPOINT", "no-such-endpoint")
+    monkeypatch.setenv("VAST_API_KEY", ep_key(vast, "llm-staging"))
+    # env endpoint key beats the file's account key; --endpoint beats VAST_ENDPOINT
+    r = launch("--endpoint", "llm-staging")
+    assert r.exec.env["VESPA_KEY_SOURCE"].startswith("endpoint key from env VAST_API_KEY")
+    # a flag beats the environment: the account key flag wins over env VAST_API_KEY
+    r = launch("--endpoint", "llm-prod", "--account-key", vast.config.account_key)
+    assert r.exec.env["VAST_API_KEY"] == ep_key(vast)
+    assert r.exec.env["VESPA_KEY_SOURCE"].startswith("account key from --account-key")
+
+
+def test_a_loose_key_file_is_warned_about(launch, vast: Emulator, home: Path) -> None:
+    write_key(home / ".vast_api_key", vast.config.account_key)
+    (home / ".vast_api_key").chmod(0o644)
+    r = launch("--endpoint", "llm-prod")
+    assert r.exec is not None
+    assert "warning: ~/.vast_api_key is readable by other users" in r.err
+
+
+def test_mitmproxy_command_line(launch, vast: Emulator, tmp_path: Path) -> None:
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast), "--debug", "--port", "18099",
+               "--", "-w", str(tmp_path / "flows"))
+    auto = vast.autoscaler_url
+    assert r.exec.path == r.exec.argv[0] == str(Path(sys.executable).parent / "mitmdump")
+    assert r.exec.argv[1:] == [
+        "-s", str(REPO / "vespa_addon.py"), "--mode", f"reverse:{auto}", "--listen-host", "127.0.0.1",
+        "-p", "18099", "--set", "vespa_endpoint=llm-prod", "--set", f"vespa_autoscaler_url={auto}",
+        "--set", "connection_strategy=lazy", "--set", "flow_detail=0", "--set", "termlog_verbosity=debug",
+        "-w", str(tmp_path / "flows"),
+    ]  # fmt: skip
+    assert "Starting proxy for: llm-prod" in r.out and "Listening on: http://127.0.0.1:18099" in r.out
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast), "--web")
+    assert r.exec.argv[0].endswith("/mitmweb")
+
+
+def test_instances_and_vast_url(home: Path, monkeypatch) -> None:
+    args, _ = launcher.parse_args(["--instance", "alpha"])
+    assert launcher.service_urls(args) == launcher.Instance("https://run-alpha.vast.ai", "https://alpha.vast.ai")
+    args, _ = launcher.parse_args(["--instance", "candidate"])
+    assert launcher.service_urls(args) == launcher.Instance("https://run-candidate.vast.ai", "https://candidate.vast.ai")
+    monkeypatch.setenv("VAST_URL", "https://console.example/")
+    args, _ = launcher.parse_args([])
+    assert launcher.service_urls(args) == launcher.Instance("https://run.vast.ai", "https://console.example")
+
+
+def test_non_local_host_is_warned_about(launch, vast: Emulator) -> None:
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast), "--host", "0.0.0.0")
+    assert "reachable from the network" in r.err
+    assert r.exec.argv[r.exec.argv.index("--listen-host") + 1] == "0.0.0.0"
+
+
+# --- --list -------------------------------------------------------------------------------------
+def test_list_shows_a_table(launch, vast: Emulator) -> None:
+    r = launch("--list", "--account-key", vast.config.account_key)
+    assert r.rc == 0
+    lines = r.out.splitlines()
+    assert lines[0] == "Available endpoints (2):"
+    assert lines[1].split() == ["NAME", "STATE", "MAX", "WORKERS"]
+    assert lines[2].split() == ["llm-prod", "active", "4"]
+    assert lines[3].split() == ["llm-staging", "stopped", "2"]
+
+
+def test_list_explains_no_endpoints(launch, monkeypatch) -> None:
+    with Emulator(EmulatorConfig(endpoints=[])) as empty:
+        monkeypatch.setenv("VAST_ACCOUNT_KEY", empty.config.account_key)
+        r = launch("--list", emu=empty)
+    assert r.rc == 0
+    assert "No endpoints found" in r.out
+    assert "hint: create one at" in r.err and "not an endpoint key" in r.err
+
+
+def test_list_needs_the_account_key(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_API_KEY", ep_key(vast))
+    r = launch("--list")
+    assert r.rc == 2
+    assert "error: --list needs your account key" in r.err
+    assert "env VAST_API_KEY is read as an endpoint key" in r.err
+
+
+# --- errors a user can cause --------------------------------------------------------------------
+def test_unknown_endpoint_suggests_the_closest(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_ACCOUNT_KEY", vast.config.account_key)
+    r = launch("--endpoint", "llm-prd")
+    assert r.rc == 1
+    assert "error: endpoint 'llm-prd' not found; this account has: llm-prod, llm-staging" in r.err
+    assert "hint: Did you mean 'llm-prod'?" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_endpoint_key_given_as_account_key(launch, vast: Emulator) -> None:
+    r = launch("--endpoint", "llm-prod", "--account-key", ep_key(vast))
+    assert r.rc == 1
+    assert "error: the Vast console rejected the account key" in r.err
+    assert "is an endpoint key, pass it with --api-key" in r.err
+
+
+def test_account_key_given_as_endpoint_key(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_API_KEY", vast.config.account_key)  # the vastai CLI's meaning of it
+    r = launch("--endpoint", "llm-prod")
+    assert r.rc == 1
+    assert "error: the autoscaler rejected the endpoint key from env VAST_API_KEY" in r.err
+    assert "pass it with --account-key" in r.err and "here VAST_API_KEY means the endpoint key" in r.err
+
+
+def test_console_429_is_retried_with_backoff(launch, monkeypatch) -> None:
+    with Emulator(EmulatorConfig(endpoints=[EndpointConfig(name="llm-prod")], console_rate_limit=3.0)) as limited:
+        monkeypatch.setenv("VAST_ACCOUNT_KEY", limited.config.account_key)
+        for _ in range(5):
+            assert launch("--list", emu=limited).rc == 0
+        statuses = [c.status_code for c in limited.records.console]
+    assert statuses.count(429) >= 1 and statuses.count(200) == 5
+
+
+def test_port_in_use(launch, vast: Emulator) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast), "--port", str(port))
+    assert r.rc == 1
+    assert f"error: port {port} on 127.0.0.1 is already in use" in r.err
+    assert f"--port {port + 1}" in r.err
+
+
+def test_unreachable_autoscaler_and_debug_traceback(launch, vast: Emulator) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    argv = ["--endpoint", "llm-prod", "--api-key", ep_key(vast), "--console-url", vast.console_url]
+    r = launch(*argv, "--autoscaler-url", dead, urls=False)
+    assert r.rc == 1
+    assert "error: cannot reach the autoscaler" in r.err and "hint: " in r.err
+    assert "Traceback" not in r.err
+    r = launch(*argv, "--autoscaler-url", dead, "--debug", urls=False)
+    assert r.rc == 1 and "Traceback" in r.err
+
+
+def test_unreachable_console(launch, vast: Emulator) -> None:
+    r = launch("--endpoint", "llm-prod", "--account-key", vast.config.account_key,
+               "--autoscaler-url", vast.autoscaler_url, "--console-url", f"http://127.0.0.1:{free_port()}", urls=False)
+    assert r.rc == 1
+    assert "error: cannot reach the Vast console" in r.err and "VAST_URL" in r.err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], "no endpoint and no key given"), (["--endpoint", "x"], "no key for endpoint 'x'"),
+     (["--api-key", "some-endpoint-key-1234"], "no endpoint name given")],
+)
+def test_missing_info_without_a_terminal_exits_2_promptly(home: Path, argv: list[str], expected: str) -> None:
+    env = {**os.environ, "HOME": str(home)}
+    start = time.monotonic()
+    # stdin is a pipe left open: a launcher that waited for input would hang here.
+    proc = subprocess.Popen([str(RUN_SH), *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        proc.wait(timeout=10)
+        out, err = proc.communicate()
+    finally:
+        stop(proc)
+    assert proc.returncode == 2
+    assert time.monotonic() - start < 5
+    assert f"error: {expected}" in err and "\nhint: " in err and "Traceback" not in err
+
+
+def test_help_shows_every_option_and_run_sh_is_quick(home: Path) -> None:
+    start = time.monotonic()
+    out = subprocess.run([str(RUN_SH), "--help"], capture_output=True, text=True, check=True).stdout
+    assert time.monotonic() - start < 3  # venv already set up: no pip, just Python's start-up
+    for option in ("--endpoint NAME", "--api-key KEY", "--account-key KEY", "--list", "--port PORT",
+                   "--host HOST", "--autoscaler-url URL", "--console-url URL", "--instance",
+                   "--debug", "--web", "--demo", "-- ARGS", "VAST_ENDPOINT", "VAST_API_KEY",
+                   "VAST_ACCOUNT_KEY", "VAST_URL", "~/.vast_api_key", "(default: 8010)", "prod,alpha,candidate"):
+        assert option in out, option
+
+
+# --- interactive mode in a real pseudo-terminal -------------------------------------------------
+def test_interactive_mode(home: Path, vast: Emulator) -> None:
+    port = free_port()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
+    transcript = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "vespa.launcher", "--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url],
+        env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
+    )
+    child.logfile_read = transcript
+    try:
+        child.expect("Vespa - Interactive Setup")
+        child.expect("Enter account API key: ")
+        child.sendline(ep_key(vast))  # the wrong kind first: rejected, explained, asked again
+        child.expect("hint: .*is an endpoint key, pass it with --api-key")
+        child.expect("Enter account API key: ")
+        child.sendline(vast.config.account_key)
+        child.expect(r"Available endpoints \(2\):")
+        child.expect(r"1\. llm-prod  \(active\)")
+        child.expect(r"2\. llm-staging  \(stopped\)")
+        child.expect(r"Select endpoint \[1-2\]: ")
+        child.sendline("3")
+        child.expect("Please enter a number from 1 to 2")
+        child.expect(r"Select endpoint \[1-2\]: ")
+        child.sendline("1")
+        child.expect(r"Local proxy port \[8010\]: ")
+        child.sendline(str(port))
+        child.expect("Successfully retrieved endpoint API key")
+        child.expect(r"Save this account key to .*vast_api_key.* \[y/N\]: ")
+        child.sendline("y")
+        child.expect("Saved to")
+        child.expect(f"Listening on: http://127.0.0.1:{port}")
+        wait_for_port(port, timeout=20)
+        # The launcher became mitmdump: the same process, with the endpoint key in its environment.
+        assert "mitmdump" in proc_file(child.pid, "cmdline")
+        assert proc_environ(child.pid)["VAST_API_KEY"] == ep_key(vast)
+    finally:
+        child.kill(signal.SIGTERM)
+        child.close(force=True)
+    saved = home / ".config" / "vastai" / "vast_api_key"
+    assert saved.read_text() == vast.config.account_key + "\n"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    for secret in secrets_of(vast):
+        assert secret not in transcript.getvalue(), "a typed or fetched key was echoed"
+
+
+# --- a real proxy, started by run.sh ------------------------------------------------------------
+def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> None:
+    port = free_port()
+    env = {**os.environ, "HOME": str(home), "VAST_ACCOUNT_KEY": vast.config.account_key}
+    proc = subprocess.Popen(
+        [str(RUN_SH), "--endpoint", "llm-prod", "--port", str(port), "--console-url", vast.console_url,
+         "--autoscaler-url", vast.autoscaler_url],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for_port(port, proc)
+        assert "mitmdump" in proc_file(proc.pid, "cmdline")  # exec'd: no parent left behind
+        environ = proc_environ(proc.pid)
+        assert environ["VAST_API_KEY"] == ep_key(vast) and "VAST_ACCOUNT_KEY" not in environ
+        for secret in secrets_of(vast):
+            assert secret not in proc_file(proc.pid, "cmdline")
+        import requests
+
+        resp = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+                             timeout=20)
+        assert resp.status_code == 200, resp.text
+    finally:
+        stop(proc)
+    out = proc.stdout.read()
+    assert f"Listening on: http://127.0.0.1:{port}" in out
+    assert "Key: account key from env VAST_ACCOUNT_KEY (..." in out
+    for secret in secrets_of(vast):
+        assert secret not in out
+
+
+# --- --demo -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (REPO / "vespa" / "addon.py").exists(), reason="needs the addon (vespa/addon.py)")
+def test_demo_end_to_end(home: Path) -> None:
+    from openai import OpenAI
+
+    port = free_port()
+    account, endpoint = "demo-acct-secret-0123456789", "demo-endpoint-secret-9876543210"
+    env = {**os.environ, "HOME": str(home), "VESPA_EMU_ACCOUNT_KEY": account, "VESPA_EMU_ENDPOINT_KEY": endpoint}
+    proc = subprocess.Popen([str(RUN_SH), "--demo", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kids: list[int] = []
+    try:
+        wait_for_port(port, proc, timeout=30)
+        kids = children(proc.pid)
+        mitm = [pid for pid in kids if "mitmdump" in proc_file(pid, "cmdline")]
+        emulator = [pid for pid in kids if "vespa.emulator" in proc_file(pid, "cmdline")]
+        assert len(mitm) == 1 and len(emulator) == 1, kids
+        for pid in (proc.pid, *kids):
+            assert account not in proc_file(pid, "cmdline") and endpoint not in proc_file(pid, "cmdline")
+        assert proc_environ(mitm[0])["VAST_API_KEY"] == endpoint
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-used", timeout=30, max_retries=0)
+        stream = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello!"}], stream=True, max_tokens=8
+        )
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert len(pieces) >= 2 and "".join(pieces).strip()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in kids), "the emulator or mitmdump outlived the launcher"
+    finally:
+        stop(proc)
+        for pid in kids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    out = proc.stdout.read()
+    assert f"curl --no-buffer http://127.0.0.1:{port}/v1/chat/completions" in out
+    assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in out
+    assert account not in out and endpoint not in out
