@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
@@ -42,7 +43,9 @@ def make_config(**overrides: Any) -> EmulatorConfig:
         EndpointConfig(name="demo", api_key=KEY_C, workers=2, generation="C"),
         EndpointConfig(name="demo-b", api_key=KEY_B, workers=1, generation="B"),
     ]
-    defaults: dict[str, Any] = dict(account_key=ACCOUNT_KEY, endpoints=endpoints, ttft_ms=5, tokens_per_s=400.0)
+    defaults: dict[str, Any] = dict(
+        account_key=ACCOUNT_KEY, endpoints=endpoints, ttft_ms=5, tokens_per_s=400.0
+    )
     return EmulatorConfig(**(defaults | overrides))
 
 
@@ -52,9 +55,16 @@ def emu() -> Iterator[Emulator]:
         yield emulator
 
 
-def route(emu: Emulator, endpoint: str = "demo", cost: Any = 100, key: str | None = KEY_C, **body: Any) -> requests.Response:
+def route(
+    emu: Emulator, endpoint: str = "demo", cost: Any = 100, key: str | None = KEY_C, **body: Any
+) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(f"{emu.autoscaler_url}/route/", json={"endpoint": endpoint, "cost": cost} | body, headers=headers, timeout=5)
+    return requests.post(
+        f"{emu.autoscaler_url}/route/",
+        json={"endpoint": endpoint, "cost": cost} | body,
+        headers=headers,
+        timeout=5,
+    )
 
 
 def ready(emu: Emulator, endpoint: str = "demo", cost: Any = 100) -> dict[str, Any]:
@@ -64,7 +74,9 @@ def ready(emu: Emulator, endpoint: str = "demo", cost: Any = 100) -> dict[str, A
     return answer.json()
 
 
-def call(auth: dict[str, Any], path: str = "/v1/chat/completions", payload: Any = None, **kwargs: Any) -> requests.Response:
+def call(
+    auth: dict[str, Any], path: str = "/v1/chat/completions", payload: Any = None, **kwargs: Any
+) -> requests.Response:
     body = {"auth_data": auth, "payload": CHAT if payload is None else payload}
     return requests.post(auth["url"] + path, json=body, timeout=5, **kwargs)
 
@@ -93,7 +105,7 @@ def test_streamed_flow_arrives_in_chunks_spaced_in_time(emu: Emulator, endpoint:
             body += chunk
     assert len(arrivals) >= 4
     assert arrivals[-1] - arrivals[0] >= 0.08  # 5 gaps of 20 ms: not buffered into one write
-    events = [line[len("data: "):] for line in body.decode().split("\n\n") if line]
+    events = [line[len("data: ") :] for line in body.decode().split("\n\n") if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
@@ -115,11 +127,15 @@ def test_json_completion_echoes_model_and_counts_usage(emu: Emulator) -> None:
 
 def test_openai_package_parses_the_backend(emu: Emulator) -> None:
     client = openai.OpenAI(base_url=emu.backend_url + "/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == completion_text(4)
     stream = client.completions.create(model="m", prompt="hi", max_tokens=3, stream=True)
     assert "".join(c.choices[0].text for c in stream) == completion_text(3)
-    assert client.completions.create(model="m", prompt="hi", max_tokens=2).choices[0].text == completion_text(2)
+    assert client.completions.create(model="m", prompt="hi", max_tokens=2).choices[0].text == completion_text(
+        2
+    )
     assert [m.id for m in client.models.list()]
 
 
@@ -157,11 +173,22 @@ def test_post_forwards_payload_and_custom_headers_only(emu: Emulator) -> None:
 def test_ready_answer_shape_and_signature_over_pubkey(emu: Emulator) -> None:
     for endpoint, generation in (("demo", "C"), ("demo-b", "B")):
         answer = ready(emu, endpoint)
-        assert list(answer) == ["endpoint", "url", "cost", "reqnum", "request_idx", "signature", "__request_id"]
+        assert list(answer) == [
+            "endpoint",
+            "url",
+            "cost",
+            "reqnum",
+            "request_idx",
+            "signature",
+            "__request_id",
+        ]
         assert answer["endpoint"] == endpoint and answer["request_idx"] > 0
         pem = requests.get(emu.autoscaler_url + "/pubkey/", timeout=5).text
         load_public_key(pem).verify(
-            base64.b64decode(answer["signature"]), signed_message(answer, generation), padding.PKCS1v15(), hashes.SHA256()
+            base64.b64decode(answer["signature"]),
+            signed_message(answer, generation),
+            padding.PKCS1v15(),
+            hashes.SHA256(),
         )
 
 
@@ -177,8 +204,16 @@ def test_cost_keeps_its_json_number_type(emu: Emulator) -> None:
 
 def test_keys_accepted_from_bearer_body_and_query(emu: Emulator) -> None:
     url = emu.autoscaler_url + "/route/"
-    assert requests.post(url, json={"endpoint": "demo", "cost": 1, "api_key": KEY_C}, timeout=5).status_code == 200
-    assert requests.post(url, params={"api_key": KEY_C}, json={"endpoint": "demo", "cost": 1}, timeout=5).status_code == 200
+    assert (
+        requests.post(url, json={"endpoint": "demo", "cost": 1, "api_key": KEY_C}, timeout=5).status_code
+        == 200
+    )
+    assert (
+        requests.post(
+            url, params={"api_key": KEY_C}, json={"endpoint": "demo", "cost": 1}, timeout=5
+        ).status_code
+        == 200
+    )
     assert route(emu).status_code == 200
     assert [r.key_source for r in emu.records.route] == ["body", "query", "bearer"]
 
@@ -201,13 +236,23 @@ def test_route_rejects_keys_and_endpoints(emu: Emulator, key: str | None, endpoi
 
 @pytest.mark.parametrize(
     "body",
-    [{"cost": 1}, {"endpoint": "demo"}, {"endpoint": "demo", "cost": -1}, {"endpoint": "demo", "cost": "256"},
-     {"endpoint": "demo", "cost": True}, {"endpoint": "demo", "cost": 1, "request_idx": "7"}],
+    [
+        {"cost": 1},
+        {"endpoint": "demo"},
+        {"endpoint": "demo", "cost": -1},
+        {"endpoint": "demo", "cost": "256"},
+        {"endpoint": "demo", "cost": True},
+        {"endpoint": "demo", "cost": 1, "request_idx": "7"},
+    ],
 )
 def test_route_rejects_bad_bodies(emu: Emulator, body: dict[str, Any]) -> None:
-    resp = requests.post(emu.autoscaler_url + "/route/", json=body, headers={"Authorization": f"Bearer {KEY_C}"}, timeout=5)
+    resp = requests.post(
+        emu.autoscaler_url + "/route/", json=body, headers={"Authorization": f"Bearer {KEY_C}"}, timeout=5
+    )
     assert resp.status_code == 400 and set(resp.json()) == {"error", "error_msg"}
-    bad_json = requests.post(emu.autoscaler_url + "/route/", data=b"{", headers={"Authorization": f"Bearer {KEY_C}"}, timeout=5)
+    bad_json = requests.post(
+        emu.autoscaler_url + "/route/", data=b"{", headers={"Authorization": f"Bearer {KEY_C}"}, timeout=5
+    )
     assert bad_json.status_code == 400
 
 
@@ -239,7 +284,12 @@ def test_cold_start_waits_then_turns_ready_with_the_same_request_idx() -> None:
 
 
 def test_set_cold_and_stopped_endpoint_answer_the_waiting_shape() -> None:
-    cfg = make_config(endpoints=[EndpointConfig(name="demo", api_key=KEY_C), EndpointConfig(name="off", api_key="k2", state="stopped")])
+    cfg = make_config(
+        endpoints=[
+            EndpointConfig(name="demo", api_key=KEY_C),
+            EndpointConfig(name="off", api_key="k2", state="stopped"),
+        ]
+    )
     with Emulator(cfg) as emu:
         emu.set_cold("demo", 0.3)
         assert route(emu).json()["status"] == "Loading"
@@ -260,7 +310,9 @@ def test_worker_shape_errors(emu: Emulator) -> None:
     partial = {k: v for k, v in auth.items() if k not in ("request_idx", "signature")}
     resp = requests.post(url, json={"auth_data": partial, "payload": {}}, timeout=5)
     assert resp.status_code == 422
-    assert resp.json() == {"auth_data": {"request_idx": "missing parameter", "signature": "missing parameter"}}
+    assert resp.json() == {
+        "auth_data": {"request_idx": "missing parameter", "signature": "missing parameter"}
+    }
     session = requests.post(url, json={"auth_data": auth, "payload": CHAT, "session_id": "abc"}, timeout=5)
     assert session.status_code == 410 and session.json() == {"error": "invalid session"}
     assert not any(r.reached_backend for r in emu.records.worker)
@@ -281,7 +333,11 @@ def _tampered(auth: dict[str, Any], field: str) -> dict[str, Any]:
 @pytest.mark.parametrize("field", ["cost", "endpoint", "reqnum", "request_idx", "url", "signature"])
 def test_gen_b_rejects_each_tampered_field_with_an_empty_401(emu: Emulator, field: str) -> None:
     auth = ready(emu, "demo-b", 256)
-    resp = requests.post(auth["url"] + "/v1/chat/completions", json={"auth_data": _tampered(auth, field), "payload": CHAT}, timeout=5)
+    resp = requests.post(
+        auth["url"] + "/v1/chat/completions",
+        json={"auth_data": _tampered(auth, field), "payload": CHAT},
+        timeout=5,
+    )
     assert resp.status_code == 401 and resp.content == b""
     assert emu.records.worker[-1].signature_ok is False and not emu.records.worker[-1].reached_backend
     assert call(auth).status_code == 200  # the untampered original still works
@@ -291,7 +347,9 @@ def test_gen_b_rejects_each_tampered_field_with_an_empty_401(emu: Emulator, fiel
 def test_gen_c_rejects_tampered_url_signature_and_endpoint(emu: Emulator, field: str) -> None:
     auth = ready(emu)
     bad = _tampered(auth, field) if field != "endpoint" else auth | {"endpoint": "demo-b"}
-    resp = requests.post(auth["url"] + "/v1/chat/completions", json={"auth_data": bad, "payload": CHAT}, timeout=5)
+    resp = requests.post(
+        auth["url"] + "/v1/chat/completions", json={"auth_data": bad, "payload": CHAT}, timeout=5
+    )
     assert resp.status_code == 401 and resp.content == b""
 
 
@@ -303,8 +361,13 @@ def test_gen_c_signs_only_the_url(emu: Emulator) -> None:
 def test_signature_for_another_worker_or_key_is_rejected(emu: Emulator) -> None:
     first, second = ready(emu), ready(emu)
     stolen = first | {"url": second["url"]}  # the signature covers first's URL only
-    assert requests.post(second["url"] + "/x", json={"auth_data": stolen, "payload": {}}, timeout=5).status_code == 401
-    replayed_elsewhere = requests.post(second["url"] + "/echo", json={"auth_data": first, "payload": {}}, timeout=5)
+    assert (
+        requests.post(second["url"] + "/x", json={"auth_data": stolen, "payload": {}}, timeout=5).status_code
+        == 401
+    )
+    replayed_elsewhere = requests.post(
+        second["url"] + "/echo", json={"auth_data": first, "payload": {}}, timeout=5
+    )
     assert replayed_elsewhere.status_code == 401
     forged = first | {"signature": SigningKey.generate(1024).sign(signed_message(first, "C"))}
     assert call(forged).status_code == 401
@@ -330,7 +393,9 @@ def test_gen_b_rejects_a_too_old_reqnum(emu: Emulator) -> None:
 
 
 def test_worker_answers_429_when_the_queue_is_full() -> None:
-    cfg = make_config(endpoints=[EndpointConfig(name="demo", api_key=KEY_C, workers=1, max_perf=10.0, max_queue_time=1.0)])
+    cfg = make_config(
+        endpoints=[EndpointConfig(name="demo", api_key=KEY_C, workers=1, max_perf=10.0, max_queue_time=1.0)]
+    )
     with Emulator(cfg) as emu:
         [worker] = emu.workers("demo")
         worker.faults.stall_s = 0.5
@@ -347,7 +412,9 @@ def test_worker_answers_429_when_the_queue_is_full() -> None:
 # --- worker: GET/DELETE/HEAD with serverless_* ----------------------------------------------
 def test_query_auth_on_get_delete_and_head(emu: Emulator) -> None:
     auth = ready(emu, "demo-b", 1.0)
-    echo = requests.get(auth["url"] + "/echo/q", params=auth_query(auth) + [("a", "1"), ("b", "x y")], timeout=5)
+    echo = requests.get(
+        auth["url"] + "/echo/q", params=auth_query(auth) + [("a", "1"), ("b", "x y")], timeout=5
+    )
     assert echo.status_code == 200, echo.text
     body = echo.json()
     assert body["method"] == "GET" and body["path"] == "/echo/q" and body["query"] == {"a": "1", "b": "x y"}
@@ -417,12 +484,17 @@ def test_client_disconnect_mid_stream_is_recorded_within_a_second(emu: Emulator)
     emu.config.tokens_per_s = 2.0  # the worker sits waiting on the backend when the client leaves
     auth = ready(emu)
     body = json.dumps({"auth_data": auth, "payload": CHAT | {"stream": True, "max_tokens": 50}}).encode()
-    host_port = auth["url"].removeprefix("http://")
-    with socket.create_connection(tuple(host_port.split(":")), timeout=5) as sock:  # type: ignore[arg-type]
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    url = urlsplit(auth["url"])
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
         sock.sendall(head.encode() + body)
-        assert b"data: " in sock.recv(65536) or b"data: " in sock.recv(65536)
-    assert wait_for(lambda: bool(emu.records.worker) and emu.records.worker[-1].client_disconnected, 1.0) < 1.0
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(65536)
+    wait_for(lambda: emu.records.worker[-1].client_disconnected, timeout=1.0)
     assert emu.records.worker[-1].status_code == 200
 
 
@@ -434,24 +506,46 @@ async def test_async_mode_and_faults_set_from_the_loop_thread() -> None:
             with pytest.raises(aiohttp.ClientConnectionError):
                 await session.get(worker.url + "/")
             worker.faults.refuse = False
-            async with session.post(f"{emu.autoscaler_url}/route/", json={"endpoint": "demo", "cost": 1}, headers={"Authorization": f"Bearer {KEY_C}"}) as r:
+            async with session.post(
+                f"{emu.autoscaler_url}/route/",
+                json={"endpoint": "demo", "cost": 1},
+                headers={"Authorization": f"Bearer {KEY_C}"},
+            ) as r:
                 auth = await r.json()
             assert auth["url"] == worker.url
-            async with session.post(auth["url"] + "/echo", json={"auth_data": auth, "payload": {"k": 1}}) as r:
+            async with session.post(
+                auth["url"] + "/echo", json={"auth_data": auth, "payload": {"k": 1}}
+            ) as r:
                 assert r.status == 200 and (await r.json())["payload"] == {"k": 1}
 
 
 # --- console ----------------------------------------------------------------------------------
 CONSOLE_FIELDS = {
-    "id", "endpoint_name", "api_key", "user_id", "created_at", "endpoint_state", "min_load", "min_cold_load",
-    "target_util", "cold_mult", "cold_workers", "max_workers", "max_queue_time", "target_queue_time",
-    "inactivity_timeout", "auto_delete_in_seconds", "auto_delete_due_24h",
+    "id",
+    "endpoint_name",
+    "api_key",
+    "user_id",
+    "created_at",
+    "endpoint_state",
+    "min_load",
+    "min_cold_load",
+    "target_util",
+    "cold_mult",
+    "cold_workers",
+    "max_workers",
+    "max_queue_time",
+    "target_queue_time",
+    "inactivity_timeout",
+    "auto_delete_in_seconds",
+    "auto_delete_due_24h",
 }
 
 
 def test_console_lists_endpoints_with_their_keys(emu: Emulator) -> None:
     url = emu.console_url + "/api/v0/endptjobs/"
-    by_bearer = requests.get(url, headers={"Authorization": f"Bearer {ACCOUNT_KEY}"}, params={"client_id": "me"}, timeout=5)
+    by_bearer = requests.get(
+        url, headers={"Authorization": f"Bearer {ACCOUNT_KEY}"}, params={"client_id": "me"}, timeout=5
+    )
     assert by_bearer.status_code == 200 and by_bearer.json()["success"] is True
     results = by_bearer.json()["results"]
     assert all(set(r) == CONSOLE_FIELDS for r in results)
@@ -461,7 +555,9 @@ def test_console_lists_endpoints_with_their_keys(emu: Emulator) -> None:
     assert [r.key_source for r in emu.records.console] == ["bearer", "query", "body"]
 
 
-@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY_C}"}, {"Authorization": "Bearer nope"}, {}])
+@pytest.mark.parametrize(
+    "headers", [{"Authorization": f"Bearer {KEY_C}"}, {"Authorization": "Bearer nope"}, {}]
+)
 def test_console_rejects_other_keys(emu: Emulator, headers: dict[str, str]) -> None:
     resp = requests.get(emu.console_url + "/api/v0/endptjobs/", headers=headers, timeout=5)
     assert resp.status_code == 401
@@ -471,9 +567,17 @@ def test_console_rejects_other_keys(emu: Emulator, headers: dict[str, str]) -> N
 
 def test_console_with_no_endpoints() -> None:
     with Emulator(make_config(endpoints=[])) as emu:
-        resp = requests.get(emu.console_url + "/api/v0/endptjobs/", headers={"Authorization": f"Bearer {ACCOUNT_KEY}"}, timeout=5)
+        resp = requests.get(
+            emu.console_url + "/api/v0/endptjobs/",
+            headers={"Authorization": f"Bearer {ACCOUNT_KEY}"},
+            timeout=5,
+        )
         assert resp.status_code == 400
-        assert resp.json() == {"success": False, "error": "invalid_args", "msg": "No endpoints for user found"}
+        assert resp.json() == {
+            "success": False,
+            "error": "invalid_args",
+            "msg": "No endpoints for user found",
+        }
 
 
 def test_console_rate_limit(emu: Emulator) -> None:
@@ -493,18 +597,34 @@ def test_cli_prints_its_json_line_and_exits_0_on_sigterm() -> None:
     env = os.environ | {"PYTHONPATH": str(REPO), "VESPA_EMU_ENDPOINT_KEY": "from-env"}
     with subprocess.Popen(
         [sys.executable, "-m", "vespa.emulator", "--demo-keys", "--workers", "1", "--generation", "B"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     ) as proc:
         try:
             assert proc.stdout is not None
             info = json.loads(proc.stdout.readline())
             assert info["account_key"] == "demo-account-key"
             [endpoint] = info["endpoints"]
-            assert endpoint["name"] == "vespa-demo" and endpoint["api_key"] == "from-env" and len(endpoint["workers"]) == 1
+            assert (
+                endpoint["name"] == "vespa-demo"
+                and endpoint["api_key"] == "from-env"
+                and len(endpoint["workers"]) == 1
+            )
             headers = {"Authorization": "Bearer from-env"}
-            answer = requests.post(info["autoscaler_url"] + "/route/", json={"endpoint": "vespa-demo", "cost": 1}, headers=headers, timeout=5)
+            answer = requests.post(
+                info["autoscaler_url"] + "/route/",
+                json={"endpoint": "vespa-demo", "cost": 1},
+                headers=headers,
+                timeout=5,
+            )
             assert answer.json()["url"] == endpoint["workers"][0]
-            listing = requests.get(info["console_url"] + "/api/v0/endptjobs/", headers={"Authorization": "Bearer demo-account-key"}, timeout=5)
+            listing = requests.get(
+                info["console_url"] + "/api/v0/endptjobs/",
+                headers={"Authorization": "Bearer demo-account-key"},
+                timeout=5,
+            )
             assert listing.json()["results"][0]["api_key"] == "from-env"
             proc.send_signal(signal.SIGTERM)
             rest, err = proc.communicate(timeout=10)

@@ -29,8 +29,15 @@ from vespa.emulator.signing import SigningKey
 from vespa.emulator.worker import Worker, WorkerFaults
 
 __all__ = [
-    "ConsoleRecord", "Emulator", "EmulatorConfig", "EndpointConfig", "Records", "RouteRecord",
-    "Worker", "WorkerFaults", "WorkerRecord",
+    "ConsoleRecord",
+    "Emulator",
+    "EmulatorConfig",
+    "EndpointConfig",
+    "Records",
+    "RouteRecord",
+    "Worker",
+    "WorkerFaults",
+    "WorkerRecord",
 ]
 
 T = TypeVar("T")
@@ -129,7 +136,8 @@ class Emulator:
         self._servers["backend"] = backend
         # No pool limit: a test with many parallel streams must not queue inside the emulator.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
         await self._start_workers()
@@ -183,7 +191,9 @@ class Emulator:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         loop, thread = self._loop, self._thread
         assert loop is not None and thread is not None
         try:

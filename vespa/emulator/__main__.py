@@ -28,17 +28,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--endpoint", default="vespa-demo", help="endpoint name (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="workers of the endpoint (default: %(default)s)")
-    p.add_argument("--generation", choices=("B", "C"), default="C",
-                   help="signature generation the workers verify (default: %(default)s)")
-    p.add_argument("--cold-start", type=float, default=0.0, metavar="S",
-                   help="seconds from the first route call until a worker is ready (default: %(default)s)")
-    p.add_argument("--ttft-ms", type=float, default=20, help="backend time to first token (default: %(default)s)")
-    p.add_argument("--tokens-per-s", type=float, default=200.0, help="backend token rate (default: %(default)s)")
+    p.add_argument(
+        "--generation",
+        choices=("B", "C"),
+        default="C",
+        help="signature generation the workers verify (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cold-start",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds from the first route call until a worker is ready (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ttft-ms", type=float, default=20, help="backend time to first token (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tokens-per-s", type=float, default=200.0, help="backend token rate (default: %(default)s)"
+    )
     p.add_argument("--autoscaler-port", type=int, default=0, help="autoscaler port (default: 0 = a free one)")
     p.add_argument("--console-port", type=int, default=0, help="console API port (default: 0 = a free one)")
-    p.add_argument("--demo-keys", action="store_true",
-                   help=f"use the fixed keys {DEMO_ACCOUNT_KEY!r} and {DEMO_ENDPOINT_KEY!r} instead of random "
-                   "ones; VESPA_EMU_ACCOUNT_KEY and VESPA_EMU_ENDPOINT_KEY, when set, win over both")
+    p.add_argument(
+        "--demo-keys",
+        action="store_true",
+        help=f"use the fixed keys {DEMO_ACCOUNT_KEY!r} and {DEMO_ENDPOINT_KEY!r} instead of random "
+        "ones; VESPA_EMU_ACCOUNT_KEY and VESPA_EMU_ENDPOINT_KEY, when set, win over both",
+    )
     return p.parse_args(argv)
 
 
@@ -47,13 +63,20 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         name=args.endpoint, workers=args.workers, generation=args.generation, cold_start_s=args.cold_start
     )
     config = EmulatorConfig(
-        endpoints=[ep], ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-        autoscaler_port=args.autoscaler_port, console_port=args.console_port,
+        endpoints=[ep],
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        autoscaler_port=args.autoscaler_port,
+        console_port=args.console_port,
     )
     # Unset keys stay random, so a forgotten flag never exposes a guessable key.
-    if account_key := os.environ.get("VESPA_EMU_ACCOUNT_KEY") or (DEMO_ACCOUNT_KEY if args.demo_keys else None):
+    if account_key := os.environ.get("VESPA_EMU_ACCOUNT_KEY") or (
+        DEMO_ACCOUNT_KEY if args.demo_keys else None
+    ):
         config.account_key = account_key
-    if endpoint_key := os.environ.get("VESPA_EMU_ENDPOINT_KEY") or (DEMO_ENDPOINT_KEY if args.demo_keys else None):
+    if endpoint_key := os.environ.get("VESPA_EMU_ENDPOINT_KEY") or (
+        DEMO_ENDPOINT_KEY if args.demo_keys else None
+    ):
         ep.api_key = endpoint_key
     return config
 
@@ -63,13 +86,15 @@ def ready_line(emu: Emulator) -> str:
         {"name": ep.name, "api_key": ep.api_key, "workers": [w.url for w in emu.workers(ep.name)]}
         for ep in emu.config.endpoints
     ]
-    return json.dumps({
-        "autoscaler_url": emu.autoscaler_url,
-        "console_url": emu.console_url,
-        "backend_url": emu.backend_url,
-        "account_key": emu.config.account_key,
-        "endpoints": endpoints,
-    })
+    return json.dumps(
+        {
+            "autoscaler_url": emu.autoscaler_url,
+            "console_url": emu.console_url,
+            "backend_url": emu.backend_url,
+            "account_key": emu.config.account_key,
+            "endpoints": endpoints,
+        }
+    )
 
 
 def describe(emu: Emulator) -> str:

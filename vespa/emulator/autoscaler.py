@@ -89,8 +89,16 @@ class Autoscaler:
 
     async def _route(self, request: web.Request) -> web.Response:
         rec = RouteRecord(
-            time=time.monotonic(), endpoint=None, cost=None, request_idx_in=None, request_idx_out=None,
-            status_code=200, ready=False, worker_url=None, key_source=None, headers=dict(request.headers),
+            time=time.monotonic(),
+            endpoint=None,
+            cost=None,
+            request_idx_in=None,
+            request_idx_out=None,
+            status_code=200,
+            ready=False,
+            worker_url=None,
+            key_source=None,
+            headers=dict(request.headers),
         )
         try:
             answer = self._answer(request, await request.read(), rec)
@@ -103,7 +111,11 @@ class Autoscaler:
     def _answer(self, request: web.Request, raw: bytes, rec: RouteRecord) -> dict[str, Any]:
         body = _json_object(raw)
         key, rec.key_source = find_key(request.headers, body, request.query)
-        rec.endpoint, rec.cost, rec.request_idx_in = body.get("endpoint"), body.get("cost"), body.get("request_idx")
+        rec.endpoint, rec.cost, rec.request_idx_in = (
+            body.get("endpoint"),
+            body.get("cost"),
+            body.get("request_idx"),
+        )
         state = self._authorize(key, rec.endpoint)
         cost = _cost(body)
         request_idx = self._request_idx(state, body.get("request_idx") or 0, cost)
@@ -114,7 +126,12 @@ class Autoscaler:
             state.woke_at = now
         status = state.waiting_status(now)
         if status is not None:
-            return {"endpoint": name, "status": status, "request_idx": request_idx, "__request_id": _request_id()}
+            return {
+                "endpoint": name,
+                "status": status,
+                "request_idx": request_idx,
+                "__request_id": _request_id(),
+            }
         worker = state.next_worker()
         rec.ready, rec.worker_url = True, worker.url
         return self._ready(worker, name, cost, request_idx)
@@ -122,19 +139,19 @@ class Autoscaler:
     def _authorize(self, key: str | None, endpoint: Any) -> EndpointState:
         by_key = self._by_key.get(key) if key is not None else None
         if by_key is None:
-            raise RouteError(401, "Authentication failed", "authenticate_endpoint_apikey: invalid api_key")
+            raise _unauthorized("authenticate_endpoint_apikey: invalid api_key")
         if not isinstance(endpoint, str) or not endpoint:
-            raise RouteError(400, "Invalid endpoint or missing required parameters", "missing required parameter: endpoint")
+            raise _bad_request("missing required parameter: endpoint")
         if endpoint not in self._endpoints:
-            raise RouteError(400, "Invalid endpoint or missing required parameters", f"endpoint {endpoint} not found")
+            raise _bad_request(f"endpoint {endpoint} not found")
         if by_key.config.name != endpoint:
-            raise RouteError(401, "Authentication failed", f"authenticate_endpoint_apikey: invalid api_key for endpoint {endpoint}")
+            raise _unauthorized(f"authenticate_endpoint_apikey: invalid api_key for endpoint {endpoint}")
         return by_key
 
     def _request_idx(self, state: EndpointState, given: Any, cost: int | float) -> int:
         """A known id is a re-poll or retry of the same request: its load was counted already."""
         if not isinstance(given, int) or isinstance(given, bool) or given < 0:
-            raise RouteError(400, "Invalid endpoint or missing required parameters", "request_idx must be a non-negative integer")
+            raise _bad_request("request_idx must be a non-negative integer")
         if given in state.request_idxs:
             return given
         request_idx = next(self._request_idxs)
@@ -144,7 +161,13 @@ class Autoscaler:
 
     def _ready(self, worker: Worker, endpoint: str, cost: int | float, request_idx: int) -> dict[str, Any]:
         reqnum = next(self._reqnums.setdefault(worker.id, itertools.count(1)))
-        answer: dict[str, Any] = {"endpoint": endpoint, "url": worker.url, "cost": cost, "reqnum": reqnum, "request_idx": request_idx}
+        answer: dict[str, Any] = {
+            "endpoint": endpoint,
+            "url": worker.url,
+            "cost": cost,
+            "reqnum": reqnum,
+            "request_idx": request_idx,
+        }
         if worker.generation == "B":
             answer["signature"] = self._key.sign(signed_message(answer, "B"))
         else:
@@ -156,13 +179,21 @@ class Autoscaler:
         return answer
 
 
+def _bad_request(error_msg: str) -> RouteError:
+    return RouteError(400, "Invalid endpoint or missing required parameters", error_msg)
+
+
+def _unauthorized(error_msg: str) -> RouteError:
+    return RouteError(401, "Authentication failed", error_msg)
+
+
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise RouteError(400, "Invalid endpoint or missing required parameters", "the body is not valid JSON") from None
+        raise _bad_request("the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise RouteError(400, "Invalid endpoint or missing required parameters", "the body must be a JSON object")
+        raise _bad_request("the body must be a JSON object")
     return body
 
 
@@ -170,9 +201,9 @@ def _cost(body: dict[str, Any]) -> int | float:
     """The cost exactly as parsed: its JSON type is echoed, since gen-B signatures cover it."""
     cost = body.get("cost")
     if cost is None:
-        raise RouteError(400, "Invalid endpoint or missing required parameters", "missing required parameter: cost")
+        raise _bad_request("missing required parameter: cost")
     if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not math.isfinite(cost) or cost < 0:
-        raise RouteError(400, "Invalid endpoint or missing required parameters", "cost must be a non-negative number")
+        raise _bad_request("cost must be a non-negative number")
     return cost
 
 

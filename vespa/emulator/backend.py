@@ -99,7 +99,9 @@ class Backend:
             pass
         return web.json_response(gen.whole())
 
-    async def _stream_sse(self, request: web.Request, gen: _Generation, include_usage: bool) -> web.StreamResponse:
+    async def _stream_sse(
+        self, request: web.Request, gen: _Generation, include_usage: bool
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         async for i in self._tokens(gen.n):
@@ -182,21 +184,40 @@ class _Generation:
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.n, "total_tokens": self.prompt_tokens + self.n}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.n,
+            "total_tokens": self.prompt_tokens + self.n,
+        }
 
     def whole(self) -> dict[str, Any]:
         text = completion_text(self.n)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "length"}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": "length",
+            }
             obj = self._envelope("chat.completion", [choice])
         else:
-            obj = self._envelope("text_completion", [{"text": text, "index": 0, "logprobs": None, "finish_reason": "length"}])
+            obj = self._envelope(
+                "text_completion", [{"text": text, "index": 0, "logprobs": None, "finish_reason": "length"}]
+            )
         return obj | {"usage": self.usage()}
 
-    def chunk(self, delta: dict[str, Any] | None = None, text: str = "", finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self, delta: dict[str, Any] | None = None, text: str = "", finish_reason: str | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])

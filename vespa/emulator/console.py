@@ -83,7 +83,9 @@ class Console:
         key, _ = await _key_of(request)
         rate = self._config.console_rate_limit
         if rate is not None and not self._limiter.allow(key or "", rate):
-            return web.json_response({"detail": f"API requests too frequent endpoint threshold={rate}"}, status=429)
+            return web.json_response(
+                {"detail": f"API requests too frequent endpoint threshold={rate}"}, status=429
+            )
         if key != self._config.account_key:
             body = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
             return web.json_response(body, status=401)

@@ -33,8 +33,18 @@ STRING_AUTH_FIELDS = frozenset({"endpoint", "signature", "url"})
 # Gen B's replay window (SDK backend.py): the last 100 reqnums, nothing older than max-100.
 REPLAY_WINDOW = 100
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-     "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 NOT_FORWARDED_REQUEST = HOP_BY_HOP | {"host", "content-length"}
 # aiohttp sets its own framing and identity on the response it writes.
@@ -159,8 +169,12 @@ class Worker:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rec = WorkerRecord(
-            time=time.monotonic(), worker_id=self.id, method=request.method, path=request.path,
-            query=dict(request.query), headers=dict(request.headers),
+            time=time.monotonic(),
+            worker_id=self.id,
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=dict(request.headers),
         )
         # Published now and completed in place: every field is final before the client can
         # see the end of the response, so a test never races the record.
@@ -233,8 +247,13 @@ class Worker:
             data = json.dumps(call.payload).encode()
         try:
             upstream_cm = self._session.request(
-                request.method, self._backend_url + request.path, params=call.query, headers=headers,
-                data=data, allow_redirects=False, skip_auto_headers=AIOHTTP_AUTO_HEADERS,
+                request.method,
+                self._backend_url + request.path,
+                params=call.query,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=AIOHTTP_AUTO_HEADERS,
             )
             async with upstream_cm as upstream:
                 rec.reached_backend = True
@@ -242,7 +261,9 @@ class Worker:
         except aiohttp.ClientError:
             raise Rejected(500) from None  # the backend failed before answering: SDK's empty 500
 
-    async def _relay(self, request: web.Request, rec: WorkerRecord, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, rec: WorkerRecord, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in NOT_FORWARDED_RESPONSE:
