@@ -390,6 +390,8 @@ def test_help_shows_every_option_and_run_sh_is_quick(home: Path) -> None:
 
 
 # --- interactive mode in a real pseudo-terminal -------------------------------------------------
+# The child execs at once, so forking beside the emulator's thread is safe here.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_interactive_mode(home: Path, vast: Emulator) -> None:
     port = free_port()
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
@@ -415,6 +417,12 @@ def test_interactive_mode(home: Path, vast: Emulator) -> None:
         child.expect("Please enter a number from 1 to 2")
         child.expect(r"Select endpoint \[1-2\]: ")
         child.sendline("1")
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            child.expect(r"Local proxy port \[8010\]: ")
+            child.sendline(str(busy.getsockname()[1]))
+            child.expect("is in use; please pick another")
         child.expect(r"Local proxy port \[8010\]: ")
         child.sendline(str(port))
         child.expect("Successfully retrieved endpoint API key")

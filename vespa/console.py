@@ -21,6 +21,7 @@ TIMEOUT_S = 10.0
 ATTEMPTS = 5
 # The console's "no endpoints" answer is a 400, not an empty list.
 NO_ENDPOINTS_MSG = "No endpoints for user found"
+NO_ENDPOINTS_HINT = "Create one at https://console.vast.ai/endpoints, or check that the key is this account's key."
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,7 @@ def find_endpoint(endpoints: list[Endpoint], name: str) -> Endpoint:
             return ep
     names = [ep.name for ep in endpoints]
     if not names:
-        raise EndpointNotFound(
-            f"endpoint '{name}' not found: this account has no endpoints",
-            "Create one at https://console.vast.ai/endpoints, or check that the key is this account's key.",
-        )
+        raise EndpointNotFound(f"endpoint '{name}' not found: this account has no endpoints", NO_ENDPOINTS_HINT)
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     suggestion = f"Did you mean '{close[0]}'? " if close else ""
     raise EndpointNotFound(

@@ -219,7 +219,7 @@ def choose_target(args: argparse.Namespace, resolved: keys.Resolved, urls: Insta
         raise missing_info(resolved)  # an endpoint key cannot list endpoints: asking would not help
     if not sys.stdin.isatty():
         raise missing_info(resolved)
-    return Interactive(urls.console_url).run(resolved, name, args.port)
+    return Interactive(urls.console_url, args.host).run(resolved, name, args.port)
 
 
 def is_port_free(host: str, port: int) -> bool:
@@ -245,8 +245,9 @@ def check_port(host: str, port: int) -> None:
 class Interactive:
     """The prompts of the user's brief: account key (hidden), endpoint by number, port, save."""
 
-    def __init__(self, console_url: str) -> None:
+    def __init__(self, console_url: str, host: str) -> None:
         self.console_url = console_url
+        self.host = host
 
     def run(self, resolved: keys.Resolved, name: str | None, port: int | None) -> tuple[Target, int]:
         print(f"{RULE}\n  Vespa - Interactive Setup\n{RULE}\n")
@@ -285,7 +286,7 @@ class Interactive:
         print("\nFetching your endpoints...")
         endpoints = console.list_endpoints(account.value, self.console_url)
         if not endpoints:
-            console.find_endpoint(endpoints, "")  # raises the "no endpoints" error with its hint
+            raise EndpointNotFound("this account has no endpoints", console.NO_ENDPOINTS_HINT)
         return endpoints
 
     def pick(self, endpoints: list[console.Endpoint]) -> console.Endpoint:
@@ -301,9 +302,12 @@ class Interactive:
     def ask_port(self) -> int:
         while True:
             answer = input(f"\nLocal proxy port [{DEFAULT_PORT}]: ").strip() or str(DEFAULT_PORT)
-            if answer.isdigit() and 0 < int(answer) < 65536:
+            if not (answer.isdigit() and 0 < int(answer) < 65536):
+                print("Please enter a port number from 1 to 65535.")
+            elif not is_port_free(self.host, int(answer)):
+                print(f"Port {answer} is in use; please pick another.")
+            else:
                 return int(answer)
-            print("Please enter a port number from 1 to 65535.")
 
     def offer_to_save(self, account: keys.Secret) -> None:
         path = keys.default_key_file()
@@ -572,7 +576,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = None, []
+    args = None
     try:
         args, extra = parse_args(sys.argv[1:] if argv is None else argv)
         return run(args, extra)
