@@ -1,0 +1,145 @@
+"""Shared fixtures: a strict emulator in a background thread, and real mitmdump processes.
+
+Every port is picked free at run time on 127.0.0.1; every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ADDON = REPO / "vespa_addon.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_proxy(
+    autoscaler_url: str,
+    endpoint: str,
+    api_key: str,
+    *options: str,
+    tool: str = "mitmdump",
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Iterator[Proxy]:
+    """mitmdump (or mitmweb) with vespa_addon.py, the way the README and the launcher run it."""
+    port = free_port()
+    args = [
+        str(BIN / tool), "-s", str(ADDON), "--mode", f"reverse:{autoscaler_url}",
+        "--listen-host", "127.0.0.1", "-p", str(port),
+        "--set", f"vespa_endpoint={endpoint}", "--set", f"vespa_autoscaler_url={autoscaler_url}",
+        "--set", "connection_strategy=lazy", "--set", "flow_detail=0",
+    ]
+    for opt in options:
+        args += ["--set", opt]
+    args += list(extra_args)
+    full_env = {**os.environ, "VAST_API_KEY": api_key, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("VAST_ENDPOINT", None)
+    log_file = tempfile.NamedTemporaryFile("wb", prefix="vespa-proxy-", suffix=".log", delete=False)
+    proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    proxy = Proxy(proc, port, Path(log_file.name), full_env)
+    try:
+        if wait:
+            try:
+                wait_for_port(port, proc)
+            except Exception as e:
+                raise RuntimeError(f"{e}\n--- proxy log ---\n{proxy.log()}") from None
+        yield proxy
+    finally:
+        stop(proc)
+        log_file.close()
+        os.unlink(log_file.name)
+
+
+def demo_config(**kw) -> EmulatorConfig:
+    return EmulatorConfig(
+        endpoints=[
+            EndpointConfig(name="demo", workers=2, generation="C"),
+            EndpointConfig(name="demo-b", workers=2, generation="B"),
+        ],
+        ttft_ms=10,
+        tokens_per_s=500.0,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Emulator]:
+    with Emulator(demo_config()) as emu:
+        yield emu
+
+
+def endpoint_key(emu: Emulator, name: str) -> str:
+    return next(e.api_key for e in emu.config.endpoints if e.name == name)
+
+
+@pytest.fixture(scope="session")
+def proxy(emulator: Emulator) -> Iterator[Proxy]:
+    """The proxy for endpoint 'demo' (generation-C workers)."""
+    with run_proxy(emulator.autoscaler_url, "demo", endpoint_key(emulator, "demo")) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def proxy_b(emulator: Emulator) -> Iterator[Proxy]:
+    """The proxy for endpoint 'demo-b' (generation-B workers: reqnum replay checks, cost signed)."""
+    with run_proxy(emulator.autoscaler_url, "demo-b", endpoint_key(emulator, "demo-b")) as p:
+        yield p
