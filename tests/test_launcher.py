@@ -475,7 +475,6 @@ def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> No
 
 
 # --- --demo -------------------------------------------------------------------------------------
-@pytest.mark.skipif(not (REPO / "vespa" / "addon.py").exists(), reason="needs the addon (vespa/addon.py)")
 def test_demo_end_to_end(home: Path) -> None:
     from openai import OpenAI
 
