@@ -28,6 +28,7 @@ import requests
 
 from vespa import console, keys
 from vespa.errors import AutoscalerUnreachable, EndpointNotFound, KeyRejected, VespaError
+from vespa.instances import INSTANCES, Instance
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "vespa_addon.py"
@@ -35,19 +36,6 @@ DEFAULT_PORT = 8010
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 DEMO_READY_TIMEOUT_S = 30.0
 RULE = "=" * 60
-
-
-@dataclass(frozen=True)
-class Instance:
-    autoscaler_url: str
-    console_url: str
-
-
-INSTANCES = {
-    "prod": Instance("https://run.vast.ai", "https://console.vast.ai"),
-    "alpha": Instance("https://run-alpha.vast.ai", "https://alpha.vast.ai"),
-    "candidate": Instance("https://run-candidate.vast.ai", "https://candidate.vast.ai"),
-}
 
 
 class UsageError(VespaError):
