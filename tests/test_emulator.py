@@ -588,8 +588,10 @@ def test_console_rate_limit(emu: Emulator) -> None:
     assert over.json() == {"detail": "API requests too frequent endpoint threshold=3.0"}
     time.sleep(0.4)
     assert requests.get(url, headers=headers, timeout=5).status_code == 200
-    assert requests.get(emu.console_url + "/static/jvastai_root.cer", timeout=5).status_code == 404
-    assert emu.records.console[-1].status_code == 404
+    # The root CA is a static file: neither keyed nor rate limited.
+    ca = requests.get(emu.console_url + "/static/jvastai_root.cer", timeout=5)
+    assert ca.status_code == 200 and ca.content.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert emu.records.console[-1].path == "/static/jvastai_root.cer"
 
 
 # --- CLI --------------------------------------------------------------------------------------

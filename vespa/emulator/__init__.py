@@ -24,8 +24,9 @@ from vespa.emulator.autoscaler import Autoscaler, EndpointState
 from vespa.emulator.backend import Backend
 from vespa.emulator.console import Console
 from vespa.emulator.records import ConsoleRecord, Records, RouteRecord, WorkerRecord
-from vespa.emulator.serving import HttpServer
+from vespa.emulator.serving import HOST, HttpServer
 from vespa.emulator.signing import SigningKey
+from vespa.emulator.tls import CertAuthority
 from vespa.emulator.worker import Worker, WorkerFaults
 
 __all__ = [
@@ -59,6 +60,8 @@ class EndpointConfig:
     max_workers: int = 4
     max_queue_time: float = 30.0  # seconds of queued work before a worker answers 429
     max_perf: float = 1000.0  # workload units per second per worker
+    # With https: the workers' certificates come from another CA than the console's (an impostor).
+    untrusted_cert: bool = False
 
 
 @dataclass
@@ -71,6 +74,8 @@ class EmulatorConfig:
     autoscaler_port: int = 0
     console_port: int = 0
     backend_port: int = 0
+    # Workers serve HTTPS with certificates from the emulator's CA ({console}/static/jvastai_root.cer).
+    https: bool = False
 
     def validate(self) -> None:
         names = [ep.name for ep in self.endpoints]
@@ -84,6 +89,8 @@ class EmulatorConfig:
                 raise ValueError(f"endpoint {ep.name}: generation must be 'B' or 'C'")
             if ep.workers < 0 or ep.max_perf <= 0:
                 raise ValueError(f"endpoint {ep.name}: workers must be >= 0 and max_perf > 0")
+            if ep.untrusted_cert and not self.https:
+                raise ValueError(f"endpoint {ep.name}: untrusted_cert needs https workers")
 
 
 class Emulator:
@@ -92,6 +99,7 @@ class Emulator:
         self.config.validate()
         self.records = Records()
         self.signing_key = SigningKey.generate()
+        self.ca = CertAuthority.generate()
         self._endpoints: dict[str, EndpointState] = {}
         self._servers: dict[str, HttpServer] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -144,7 +152,7 @@ class Emulator:
         autoscaler = Autoscaler(self._endpoints, self.signing_key, self.records)
         for name, app, port in (
             ("autoscaler", autoscaler.app(), cfg.autoscaler_port),
-            ("console", Console(cfg, self.records).app(), cfg.console_port),
+            ("console", Console(cfg, self.records, self.ca.pem()).app(), cfg.console_port),
         ):
             self._servers[name] = server = HttpServer(app, port)
             await server.start()
@@ -153,11 +161,17 @@ class Emulator:
         assert self._session is not None
         public_key = self.signing_key.private_key.public_key()
         ids = itertools.count(1)
+        # A well-formed CA: the impostor's certificates must fail for the right reason only.
+        impostor = CertAuthority.generate("Not Vast CA", vast_quirk=False)
         for ep in self.config.endpoints:
+            ca = impostor if ep.untrusted_cert else self.ca
             workers = [
-                Worker(next(ids), ep, public_key, self.backend_url, self._session, self.records)
+                Worker(
+                    next(ids), ep, public_key, self.backend_url, self._session, self.records,
+                    ssl_context=ca.server_context(HOST) if self.config.https else None,
+                )
                 for _ in range(ep.workers)
-            ]
+            ]  # fmt: skip
             self._endpoints[ep.name] = EndpointState(config=ep, workers=workers)
             for worker in workers:
                 await worker.start()

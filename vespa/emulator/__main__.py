@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokens-per-s", type=float, default=200.0, help="backend token rate (default: %(default)s)"
     )
+    p.add_argument(
+        "--https",
+        action="store_true",
+        help="workers serve HTTPS with certificates from the emulator's own root CA, served at "
+        "{console}/static/jvastai_root.cer (as on Vast, where workers are HTTPS)",
+    )
     p.add_argument("--autoscaler-port", type=int, default=0, help="autoscaler port (default: 0 = a free one)")
     p.add_argument("--console-port", type=int, default=0, help="console API port (default: 0 = a free one)")
     p.add_argument(
@@ -68,6 +74,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         tokens_per_s=args.tokens_per_s,
         autoscaler_port=args.autoscaler_port,
         console_port=args.console_port,
+        https=args.https,
     )
     # Unset keys stay random, so a forgotten flag never exposes a guessable key.
     if account_key := os.environ.get("VESPA_EMU_ACCOUNT_KEY") or (
@@ -101,7 +108,7 @@ def describe(emu: Emulator) -> str:
     lines = [
         "Vast emulator ready (Ctrl-C to stop)",
         f"  autoscaler  {emu.autoscaler_url}   (POST /route/, GET /pubkey/)",
-        f"  console     {emu.console_url}   (GET /api/v0/endptjobs/)",
+        f"  console     {emu.console_url}   (GET /api/v0/endptjobs/, GET /static/jvastai_root.cer)",
         f"  backend     {emu.backend_url}",
         f"  account key {emu.config.account_key}",
     ]

@@ -1,4 +1,5 @@
-"""The account-level web API: `GET /api/v0/endptjobs/` lists endpoints and their keys.
+"""The account-level web API: `GET /api/v0/endptjobs/` lists endpoints and their keys, and
+`GET /static/jvastai_root.cer` serves the root CA of the HTTPS workers (PEM, as Vast serves it).
 
 Follows ../shared/vast-protocol.md section 3, including the 3 requests/s rate limit, because
 a client that lists endpoints on every request must be caught by the tests.
@@ -49,8 +50,9 @@ class RateLimiter:
 
 
 class Console:
-    def __init__(self, config: EmulatorConfig, records: Records) -> None:
+    def __init__(self, config: EmulatorConfig, records: Records, ca_pem: bytes) -> None:
         self._config = config
+        self._ca_pem = ca_pem
         self._records = records
         self._limiter = RateLimiter()
         self._created_at = time.time()
@@ -58,8 +60,7 @@ class Console:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/api/v0/endptjobs/", self._endptjobs)
-        # The Vast root CA lives here; until the emulator serves TLS there is none to give.
-        app.router.add_get("/static/jvastai_root.cer", self._no_ca)
+        app.router.add_get("/static/jvastai_root.cer", self._root_ca)
         return app
 
     @web.middleware
@@ -76,8 +77,9 @@ class Console:
         rec.status_code = response.status
         return response
 
-    async def _no_ca(self, request: web.Request) -> web.Response:
-        return web.Response(status=404, text="Not Found")
+    async def _root_ca(self, request: web.Request) -> web.Response:
+        # A static file on Vast: no key needed, no rate limit.
+        return web.Response(body=self._ca_pem, content_type="application/x-x509-ca-cert")
 
     async def _endptjobs(self, request: web.Request) -> web.Response:
         key, _ = await _key_of(request)

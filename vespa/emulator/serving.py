@@ -8,6 +8,7 @@ because the autoscaler keeps handing out the same URL.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from aiohttp import web
 
@@ -19,7 +20,14 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class HttpServer:
-    def __init__(self, app: web.Application, port: int = 0, *, cancel_on_disconnect: bool = False) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        port: int = 0,
+        *,
+        cancel_on_disconnect: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         # handler_cancellation makes a client disconnect cancel the handler at once, which
         # is how a worker notices it within a second even while waiting on the backend.
         self._runner = web.AppRunner(
@@ -30,12 +38,13 @@ class HttpServer:
             handler_cancellation=cancel_on_disconnect,
         )
         self.port = port
+        self._ssl_context = ssl_context
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self._ssl_context else 'http'}://{HOST}:{self.port}"
 
     @property
     def listening(self) -> bool:
@@ -49,7 +58,7 @@ class HttpServer:
         async with self._lock:
             if listening and self._server is None:
                 self._server = await asyncio.get_running_loop().create_server(
-                    self._runner.server, HOST, self.port, reuse_address=True
+                    self._runner.server, HOST, self.port, reuse_address=True, ssl=self._ssl_context
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
             elif not listening and self._server is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -100,6 +101,7 @@ class Worker:
         backend_url: str,
         session: aiohttp.ClientSession,
         records: Records,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.id = worker_id
         self.generation = endpoint.generation
@@ -108,7 +110,7 @@ class Worker:
         self._backend_url = backend_url
         self._session = session
         self._records = records
-        self._server = HttpServer(self._app(), cancel_on_disconnect=True)
+        self._server = HttpServer(self._app(), cancel_on_disconnect=True, ssl_context=ssl_context)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._faults = WorkerFaults()
         self._max_reqnum = 0
