@@ -1,0 +1,135 @@
+"""The mitmdump processes under test, and their memory.
+
+Vespa runs with exactly the command and environment `scripts/run.sh` builds
+(`vespa.launcher.mitm_command`/`mitm_env`), so the figures are the ones users get.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from vespa import launcher
+
+REPO = Path(__file__).resolve().parent.parent
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+# Bare mitmproxy gets the same tuning as Vespa, minus the addon.
+BARE_OPTIONS = ("connection_strategy=lazy", "flow_detail=0")
+
+
+@contextlib.contextmanager
+def vespa_proxy(autoscaler_url: str, endpoint: str, api_key: str) -> Iterator[Proc]:
+    port = free_port()
+    proxy = launcher.Proxy(
+        target=launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
+        host="127.0.0.1", port=port, autoscaler_url=autoscaler_url, web=False, debug=False, extra=[],
+    )
+    with _run(launcher.mitm_command(proxy), launcher.mitm_env(proxy), port) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def bare_proxy(target_url: str, *extra_options: str) -> Iterator[Proc]:
+    port = free_port()
+    cmd = [str(MITMDUMP), "--mode", f"reverse:{target_url}", "--listen-host", "127.0.0.1", "-p", str(port)]
+    for opt in BARE_OPTIONS + extra_options:
+        cmd += ["--set", opt]
+    with _run(cmd, dict(os.environ), port) as p:
+        yield p
+
+
+class Proc:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.proc.pid)
+
+
+@contextlib.contextmanager
+def _run(cmd: list[str], env: dict[str, str], port: int) -> Iterator[Proc]:
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    with tempfile.NamedTemporaryFile("wb", prefix="vespa-bench-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    p = Proc(proc, port, Path(log.name))
+    try:
+        try:
+            _wait_for_port(port, proc)
+        except Exception as e:
+            raise RuntimeError(f"{e}\n--- {Path(cmd[0]).name} log ---\n{p.log.read_text(errors='replace')[-3000:]}") from e
+        yield p
+    finally:
+        _stop(proc)
+        p.log.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mitmdump exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread (not the event loop: a busy loop would miss peaks)."""
+
+    def __init__(self, pid: int, every_s: float = 0.02) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb(self.pid))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb(self.pid))
