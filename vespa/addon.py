@@ -14,11 +14,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 
-from vespa import wire
+from vespa import errorpage, health, inspection, wire
 from vespa.errors import BadBody, ProxyNotConfigured, VespaError, WorkerRejectedSignature
+from vespa.metrics import Telemetry
 from vespa.routing import Routed, Router, RouterSettings
+from vespa.workerca import WorkerTls, explain_tls
 
 log = logging.getLogger("vespa")
 
@@ -39,16 +41,31 @@ class Flight:
 
     route: asyncio.Task[Routed]
     original: http.Request | None = None
+    tap: inspection.Tap | None = None
 
 
 class Vespa:
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = None, key_source: str | None = None) -> None:
+        # Given by the Python API (vespa.api): the key stays in this object instead of
+        # os.environ, where every child process of the caller would inherit it.
+        self._api_key = api_key
+        self._key_source = key_source
+        self.telemetry = Telemetry()
+        self.health = health.Health(self.telemetry)
+        # A sub-addon: mitmproxy runs its hooks right after ours, for metrics and the request log.
+        self.addons = [self.telemetry]
         self.router: Router | None = None
         self.default_cost = 1.0
+        self.capture_bytes = 0
         self.flights: dict[str, Flight] = {}
+        self.worker_tls = WorkerTls()
 
     # --- lifecycle (kept synchronous: mitmproxy's script loader needs it) -----------------------
     def load(self, loader) -> None:
+        # JSON instead of mitmproxy's HTML error page; undone in done() (see vespa/errorpage.py).
+        errorpage.install()
+        errorpage.register(explain_tls)
+        self.worker_tls.add_options(loader)
         loader.add_option(
             "vespa_endpoint", str, "",
             "Name of the Vast.ai Serverless endpoint to call (default: env VAST_ENDPOINT). "
@@ -66,11 +83,21 @@ class Vespa:
             "vespa_route_deadline_s", int, 600,
             "Seconds to wait for a worker (cold starts take minutes) before answering 503.",
         )
+        loader.add_option(
+            "vespa_capture_kb", int, 1024,
+            "KiB of each streamed response kept for mitmweb and -w files (the stream itself is "
+            "never cut); 0 keeps nothing.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
             # It streams request bodies too: they would leave for the reverse target unsigned.
             raise exceptions.OptionsError("vespa: stream_large_bodies cannot be used with Vespa; unset it.")
+        self.worker_tls.configure(updated)
+        if "vespa_capture_kb" in updated:
+            if ctx.options.vespa_capture_kb < 0:
+                raise exceptions.OptionsError("vespa: vespa_capture_kb must be 0 (keep nothing) or more.")
+            self.capture_bytes = ctx.options.vespa_capture_kb * inspection.KIB
         if not updated & OPTIONS and self.router is not None:
             return
         opts = ctx.options
@@ -80,7 +107,7 @@ class Vespa:
                 "vespa: no endpoint name. Give it with --set vespa_endpoint=NAME (or env VAST_ENDPOINT), "
                 "or start through scripts/run.sh."
             )
-        api_key = os.environ.get("VAST_API_KEY", "").strip()
+        api_key = (self._api_key or os.environ.get("VAST_API_KEY", "")).strip()
         if not api_key:
             raise exceptions.OptionsError(
                 "vespa: no endpoint key. Put it in the environment as VAST_API_KEY (not on the command "
@@ -99,11 +126,14 @@ class Vespa:
             autoscaler_url=opts.vespa_autoscaler_url,
             endpoint=endpoint,
             api_key=api_key,
-            key_source=os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY"),
+            key_source=self._key_source or os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY"),
             deadline_s=opts.vespa_route_deadline_s,
         ))
+        self.telemetry.endpoint = endpoint
 
     def done(self) -> None:
+        errorpage.uninstall()
+        self.health.close()
         self._close_router()
         for flight in self.flights.values():
             flight.route.cancel()
@@ -121,6 +151,9 @@ class Vespa:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.live or flow.response:
             return
+        if health.is_reserved(flow.request.path):
+            return await self.health.answer(flow, self.router)
+        inspection.start(flow)
         try:
             if self.router is None:
                 raise ProxyNotConfigured("Vespa is not configured", hint="See the proxy's start-up log.")
@@ -137,6 +170,7 @@ class Vespa:
         try:
             payload = _json_payload(flow.request)
             routed = await flight.route
+            await self.worker_tls.prepare(routed.ready.url)  # HTTPS workers: verified with Vast's CA
             flight.original = flow.request.copy()
             _rewrite(flow.request, routed.ready, payload)
         except VespaError as e:
@@ -148,6 +182,7 @@ class Vespa:
             return self._answer(flow, VespaError(f"internal error in Vespa: {type(e).__name__}", hint="See the proxy log."))
         ready = routed.ready
         flow.metadata["vespa"] = {
+            "sent": inspection.sent(flight.original),
             "endpoint": ready.auth_data.get("endpoint"),
             "worker": ready.url,
             "request_idx": ready.request_idx,
@@ -156,33 +191,52 @@ class Vespa:
             "polls": routed.polls,
             "retries": routed.retries,
         }
-        flow.comment = (
-            f"vespa: {ready.url} idx={ready.request_idx} cost={ready.auth_data.get('cost')} "
-            f"route={routed.route_ms:.0f}ms polls={routed.polls}"
-        )
+        flow.comment = inspection.comment(flow.metadata["vespa"])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.id not in self.flights or not flow.live:
+        flight = self.flights.get(flow.id)
+        if flight is None or not flow.live:
             return
         headers = flow.response.headers
         if _is_stream(headers):
-            flow.response.stream = True
+            if self.capture_bytes:
+                flight.tap = inspection.Tap(self.capture_bytes)
+            flow.response.stream = flight.tap or True
             if headers.get("content-type", "").startswith("text/event-stream"):
                 headers["cache-control"] = "no-cache"
                 headers["x-accel-buffering"] = "no"
+        # The signed request has been sent, and mitmproxy's http layer reads flow.request after
+        # this hook only for a log line and a websocket check (11.0.2 and 12.3.1): showing the
+        # client's request now keeps the signature out of mitmweb and of saves taken mid-stream.
+        if flight.original is not None:
+            flow.request = flight.original
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.id not in self.flights:
+        flight = self.flights.get(flow.id)
+        if flight is None:
             return
         if flow.response.status_code == 401 and not flow.response.stream:
             self._answer(flow, WorkerRejectedSignature(
                 f"the worker {flow.metadata.get('vespa', {}).get('worker')} rejected the routing signature (401)"
             ))
+        else:
+            inspection.finish(flow, flight.tap)
         self._end(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.id in self.flights:
-            self._end(flow)
+        flight = self.flights.get(flow.id)
+        if flight is None:
+            return
+        self._end(flow)
+        inspection.fail(flow, flight.tap)
+        if flow.error:
+            self.worker_tls.failed(flow.error.msg)  # a rotated CA is fetched again
+
+    # --- commands (mitmweb's command bar, POST /commands/vespa.status) -----------------------------
+    @command.command("vespa.status")
+    def status(self) -> str:
+        """Endpoint, key source (last 4 only), last autoscaler round trip, requests in flight."""
+        return inspection.status(self.router, len(self.flights))
 
     # --- helpers -----------------------------------------------------------------------------------
     def _end(self, flow: http.HTTPFlow) -> None:
@@ -197,8 +251,7 @@ class Vespa:
     @staticmethod
     def _answer(flow: http.HTTPFlow, err: VespaError) -> None:
         flow.response = http.Response.make(err.status, err.body(), err.headers())
-        flow.comment = f"vespa: {err.type}: {err.message}"
-        flow.marked = ":warning:"
+        inspection.note(flow, f"{err.status} {err.type}: {err.message}", failed=True)
         log.warning("vespa: %s %s -> %d %s: %s", flow.request.method, flow.request.path, err.status, err.type, err.message)
 
 

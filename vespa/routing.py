@@ -61,6 +61,8 @@ class Router:
         self.settings = settings
         self._url = settings.autoscaler_url.rstrip("/") + "/route/"
         self._session: aiohttp.ClientSession | None = None
+        # Autoscaler round trip of the last answered /route/ call, for vespa.status.
+        self.last_call_ms: float | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running loop that will own it.
@@ -78,6 +80,14 @@ class Router:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def probe(self, timeout_s: float) -> int:
+        """GET /pubkey/ on the pooled session: the cheapest autoscaler call (no load, no auth
+        needed), for /_vespa/health. Returns the HTTP status; raises aiohttp/timeout errors."""
+        url = self.settings.autoscaler_url.rstrip("/") + "/pubkey/"
+        async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            await resp.read()
+            return resp.status
 
     async def route(self, cost: float) -> Routed:
         """Return a ready worker, polling while the endpoint wakes up, until the deadline."""
@@ -111,9 +121,11 @@ class Router:
         s = self.settings
         for attempt in range(s.max_attempts):
             try:
+                sent_at = time.monotonic()
                 async with self._client().post(self._url, json=body.to_json()) as resp:
                     data = await resp.read()
                     status = resp.status
+                self.last_call_ms = (time.monotonic() - sent_at) * 1000
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 failure: Exception = AutoscalerUnreachable(
                     f"cannot reach the autoscaler at {s.autoscaler_url}: {type(e).__name__} {e}".strip()
