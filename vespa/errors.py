@@ -98,9 +98,78 @@ class WorkerRejectedSignature(VespaError):
     )
 
 
+class WorkerTlsFailed(VespaError):
+    """The worker's certificate did not verify: nothing was sent to it."""
+
+    status, type = 502, "worker_tls_failed"
+    default_hint = (
+        "The worker's HTTPS certificate does not chain to Vast's root CA (or the usual CA bundle), so "
+        "Vespa sent nothing to it. After such a failure Vespa downloads the CA again (at most once a "
+        "minute), in case Vast rotated it; if it persists, the worker is not the one the autoscaler "
+        "named. Do not set ssl_insecure to get past it: that hands your requests to whoever answers."
+    )
+
+
+class WorkerCaUnavailable(VespaError):
+    """Vast's worker root CA could not be loaded, so no HTTPS worker can be verified."""
+
+    status, type = 502, "worker_ca_unavailable"
+
+
 class WorkerUnavailable(VespaError):
     """The worker never took the request: it is safe for the client to send it again."""
 
     status, type = 503, "worker_unavailable"
     default_hint = "The request was not processed by any worker and may be retried."
     retry_after = 2
+
+
+# --- reliability (docs/RELIABILITY.md) ---------------------------------------------------------
+class BadRequest(VespaError):
+    status, type = 400, "bad_request"
+    default_hint = "The request is not valid HTTP as the proxy reads it; check the client."
+
+
+class WorkerBroke(VespaError):
+    """The worker had the request and failed: it may have run, so Vespa never resends it."""
+
+    status, type = 502, "worker_failed"
+    default_hint = (
+        "The worker failed after it received the request, so it may have been processed (and billed); "
+        "Vespa does not resend it. Send it again if a second run is acceptable."
+    )
+
+
+class WorkerResponseTooLarge(VespaError):
+    status, type = 502, "worker_response_too_large"
+    default_hint = "Raise mitmproxy's body_size_limit, or stream the answer (stream: true)."
+
+
+class RouteTimeout(VespaError):
+    status, type = 504, "route_timeout"
+    default_hint = "The autoscaler did not answer /route/ in time; raise --set vespa_route_timeout_s=N or retry."
+    retry_after = 5
+
+
+class WorkerConnectTimeout(VespaError):
+    """No connection to the worker in time: nothing was sent, so the client may resend."""
+
+    status, type = 503, "worker_connect_timeout"
+    default_hint = "The request was not processed and may be retried; raise --set vespa_connect_timeout_s=N if workers are far away."
+    retry_after = 2
+
+
+class WorkerFirstByteTimeout(VespaError):
+    status, type = 504, "worker_first_byte_timeout"
+    default_hint = (
+        "The worker took the request but sent nothing in time; it may still be running it. "
+        "Raise --set vespa_first_byte_timeout_s=N for long prompts or cold models."
+    )
+
+
+class WorkerIdleTimeout(VespaError):
+    status, type = 504, "worker_idle_timeout"
+    default_hint = (
+        "The worker's stream went silent for too long and was cut; the answer is incomplete. "
+        "Raise --set vespa_idle_timeout_s=N if the model pauses that long."
+    )
