@@ -1,0 +1,148 @@
+"""Reliability, end to end: the fault matrix of docs/RELIABILITY.md, row by row.
+
+Each test turns one emulator fault knob, sends real requests through mitmdump + vespa_addon.py,
+and checks both what the client received and what the emulator recorded (route calls, worker
+requests, whether the backend ran). The module has its own emulator so its faults never leak
+into other tests; every knob is restored in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import time
+from typing import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy
+from vespa.emulator import Emulator
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    with Emulator(demo_config()) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def rproxy(emu: Emulator) -> Iterator[Proxy]:
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+        _wait_started(p)
+        yield p
+
+
+def _wait_started(p: Proxy) -> None:
+    # The port opens before mitmproxy 12 has its certificate store: a TLS client that comes
+    # that early kills the start-up ("Errors logged during startup, exiting").
+    deadline = time.monotonic() + 20
+    while "listening at" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def faults(emu: Emulator, endpoint: str = "demo", **knobs) -> Iterator[None]:
+    """Set WorkerFaults knobs on every worker of `endpoint`, and restore them after."""
+    workers = emu.workers(endpoint)
+    saved = [{k: getattr(w.faults, k) for k in knobs} for w in workers]
+    try:
+        for w in workers:
+            for k, v in knobs.items():
+                setattr(w.faults, k, v)
+        yield
+    finally:
+        for w, old in zip(workers, saved):
+            for k, v in old.items():
+                setattr(w.faults, k, v)
+
+
+def since(records: list, t0: float) -> list:
+    return [r for r in records if r.time >= t0]
+
+
+def assert_vespa_json(status: int, headers, body: bytes, err_type: str, retry: bool) -> dict:
+    """The shape every Vespa error has, and never mitmproxy's HTML page."""
+    assert b"<html" not in body.lower() and b"mitmproxy" not in body.lower(), body
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["content-type"].startswith("application/json")
+    assert lower["x-vespa-error"] == err_type
+    error = json.loads(body)["error"]
+    assert error["type"] == err_type and error["message"] and error["hint"]
+    if retry:
+        assert int(lower["retry-after"]) > 0
+        assert "not processed" in error["message"] + error["hint"]
+    else:
+        assert "retry-after" not in lower
+    return error
+
+
+def curl_h2(url: str, body: dict) -> tuple[str, dict[str, str], bytes]:
+    """POST over HTTP/2 (TLS, ALPN h2) with curl: (status line, headers, body)."""
+    out = subprocess.run(
+        ["curl", "-sk", "--http2", "-i", "-H", "content-type: application/json", "-d", json.dumps(body), url],
+        capture_output=True, timeout=30, check=True,
+    ).stdout
+    head, _, payload = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, payload
+
+
+# --- mitmproxy's own error reply becomes Vespa's JSON ---------------------------------------------
+def test_worker_refuses_http1_client_gets_json_not_html(rproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, refuse=True):
+        r = requests.post(rproxy.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    assert r.status_code == 503
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_unavailable", retry=True)
+    assert since(emu.records.worker, t0) == []  # no worker ever saw it
+    assert len(since(emu.records.route, t0)) >= 1
+
+
+def test_worker_refuses_http2_client_gets_json_not_html(rproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, refuse=True):
+        status, headers, body = curl_h2(f"https://127.0.0.1:{rproxy.port}/v1/chat/completions", CHAT)
+    assert status.startswith("HTTP/2 503"), status
+    assert_vespa_json(503, headers, body, "worker_unavailable", retry=True)
+    assert since(emu.records.worker, t0) == []
+    # Still the same proxy, still serving.
+    status, _, body = curl_h2(f"https://127.0.0.1:{rproxy.port}/v1/chat/completions", CHAT)
+    assert status.startswith("HTTP/2 200") and json.loads(body)["choices"]
+
+
+def _raw_sse(proxy: Proxy, body: dict) -> bytes:
+    """Everything the proxy sends back on one HTTP/1.1 connection, until it closes."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_stream_breaks_midway_sse_error_event_and_no_clean_end(rproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, die_after_chunks=3):
+        raw = _raw_sse(rproxy, {**CHAT, "stream": True, "max_tokens": 20})
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head.lower()
+    assert b"data: [DONE]" not in body
+    assert b"event: error" in body and b'"worker_failed"' in body
+    # The error event comes after the tokens that did arrive, and the chunked body never ends
+    # with the zero-length chunk: a client that reads the framing knows it was cut.
+    assert body.index(b"chat.completion.chunk") < body.index(b"event: error")
+    assert not body.endswith(b"0\r\n\r\n")
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.fault == "die_after_chunks" and rec.reached_backend
+    assert len(since(emu.records.route, t0)) == 1  # never resent once bytes went out
