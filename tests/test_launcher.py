@@ -242,7 +242,7 @@ def test_mitmproxy_command_line(launch, vast: Emulator, tmp_path: Path) -> None:
     assert r.exec.argv[1:] == [
         "-s", str(REPO / "vespa_addon.py"), "--mode", f"reverse:{auto}", "--listen-host", "127.0.0.1",
         "-p", "18099", "--set", "vespa_endpoint=llm-prod", "--set", f"vespa_autoscaler_url={auto}",
-        "--set", "connection_strategy=lazy", "--set", "flow_detail=0", "--set", "termlog_verbosity=debug",
+        "--set", f"vespa_console_url={vast.console_url}", "--set", "connection_strategy=lazy", "--set", "flow_detail=0", "--set", "termlog_verbosity=debug",
         "-w", str(tmp_path / "flows"),
     ]  # fmt: skip
     assert "Starting proxy for: llm-prod" in r.out and "Listening on: http://127.0.0.1:18099" in r.out
@@ -481,6 +481,7 @@ def test_demo_end_to_end(home: Path) -> None:
     port = free_port()
     account, endpoint = "demo-acct-secret-0123456789", "demo-endpoint-secret-9876543210"
     env = {**os.environ, "HOME": str(home), "VESPA_EMU_ACCOUNT_KEY": account, "VESPA_EMU_ENDPOINT_KEY": endpoint}
+    env.pop("XDG_CACHE_HOME", None)  # the worker CA goes to the temporary HOME's ~/.cache
     proc = subprocess.Popen([str(RUN_SH), "--demo", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kids: list[int] = []
@@ -500,6 +501,8 @@ def test_demo_end_to_end(home: Path) -> None:
         )
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert len(pieces) >= 2 and "".join(pieces).strip()
+        # The demo's workers are HTTPS: the proxy fetched the emulator's root CA to verify them.
+        assert list((home / ".cache" / "vespa" / "worker-ca").glob("127.0.0.1_*.pem"))
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0

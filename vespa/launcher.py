@@ -69,6 +69,7 @@ class Proxy:
     web: bool
     debug: bool
     extra: list[str]
+    console_url: str  # where the addon downloads Vast's worker root CA
 
     @property
     def url(self) -> str:
@@ -356,6 +357,9 @@ def mitm_binary(web: bool) -> Path:
     return binary
 
 
+WEB_COLUMNS = ("tls", "icon", "method", "path", "status", "size", "time", "comment")
+
+
 def mitm_command(proxy: Proxy) -> list[str]:
     cmd = [
         str(mitm_binary(proxy.web)),
@@ -365,11 +369,16 @@ def mitm_command(proxy: Proxy) -> list[str]:
         "-p", str(proxy.port),
         "--set", f"vespa_endpoint={proxy.target.endpoint}",
         "--set", f"vespa_autoscaler_url={proxy.autoscaler_url}",
+        "--set", f"vespa_console_url={proxy.console_url}",
         "--set", "connection_strategy=lazy",
         "--set", "flow_detail=0",
     ]  # fmt: skip
     if proxy.debug:
         cmd += ["--set", "termlog_verbosity=debug"]
+    if proxy.web:
+        # mitmweb's list hides flow.comment unless asked, and it holds Vespa's one-line summary.
+        for column in WEB_COLUMNS:
+            cmd += ["--set", f"web_columns={column}"]
     return cmd + proxy.extra
 
 
@@ -467,7 +476,7 @@ def emulator() -> Iterator[dict]:
     """The local emulator as a child, yielding its ready line; stopped on the way out."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vespa.emulator", "--cold-start", "3"],
+            [sys.executable, "-m", "vespa.emulator", "--cold-start", "3", "--https"],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -497,7 +506,7 @@ def _ready_line(proc: subprocess.Popen, out: IO[bytes], err: IO[bytes]) -> dict:
     tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
     raise LaunchError(
         "the demo emulator did not start" + (":\n  " + "\n  ".join(tail) if tail else ""),
-        f"Try it by hand: {sys.executable} -m vespa.emulator --cold-start 3",
+        f"Try it by hand: {sys.executable} -m vespa.emulator --cold-start 3 --https",
     )
 
 
@@ -531,7 +540,9 @@ def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
         account = keys.Secret(ready["account_key"], "the demo emulator", keys.FLAG)
         name = args.endpoint or ready["endpoints"][0]["name"]
         target = through_console(account, name, ready["console_url"])
-        proxy = Proxy(target, args.host, port, ready["autoscaler_url"], args.web, args.debug, extra)
+        proxy = Proxy(
+            target, args.host, port, ready["autoscaler_url"], args.web, args.debug, extra, ready["console_url"]
+        )
         preflight(proxy)
         cmd = mitm_command(proxy)
         banner(proxy)
@@ -558,7 +569,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return list_endpoints(resolved, urls)
     target, port = choose_target(args, resolved, urls)
     check_port(args.host, port)
-    proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra)
+    proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra, urls.console_url)
     preflight(proxy)
     start_proxy(proxy)
 
