@@ -9,6 +9,8 @@ answer, and no key or signature (grep); `mitmdump -n -C` replays it against the 
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import subprocess
 import time
@@ -19,7 +21,7 @@ import pytest
 import requests
 from mitmproxy import io, version
 
-from tests.conftest import Proxy, endpoint_key, free_port, run_proxy, wait_for_port
+from tests.conftest import REPO, Proxy, endpoint_key, free_port, run_proxy, stop, wait_for_port
 from vespa.inspection import Tap
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
@@ -196,13 +198,14 @@ MITM12 = int(version.VERSION.split(".")[0]) >= 12
 class Web:
     """mitmweb's REST API, the way its own UI calls it."""
 
-    def __init__(self, port: int, token: str) -> None:
+    def __init__(self, port: int, token: str | None) -> None:
         self.base = f"http://127.0.0.1:{port}"
         self.s = requests.Session()
-        if MITM12:  # 11.0.2 has no token (CVE-2025-23217 was fixed in 11.1.2)
+        if token:  # 11.0.2 has no token (CVE-2025-23217 was fixed in 11.1.2)
             self.s.headers["Authorization"] = f"Bearer {token}"
-        xsrf = secrets.token_hex(8)  # tornado checks that cookie and header match
-        self.s.cookies.set("_mitmproxy_xsrf" if MITM12 else "_xsrf", xsrf)
+        xsrf = secrets.token_hex(8)  # tornado checks that cookie and header match; 11 and 12 name it differently
+        for cookie in ("_xsrf", "_mitmproxy_xsrf"):
+            self.s.cookies.set(cookie, xsrf)
         self.s.headers["X-XSRFToken"] = xsrf
 
     def get(self, path: str) -> requests.Response:
@@ -232,7 +235,7 @@ def web(emulator) -> Iterator[tuple[Proxy, Web]]:
         opts.append(f"web_password={token}")
     with run_proxy(emulator.autoscaler_url, "demo", endpoint_key(emulator, "demo"), *opts, tool="mitmweb") as p:
         wait_for_port(web_port, p.proc)
-        yield p, Web(web_port, token)
+        yield p, Web(web_port, token if MITM12 else None)
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0):
@@ -304,3 +307,31 @@ def test_mitmweb_shows_routing_facts_and_streamed_body_and_replays(web, emulator
     assert bad[0]["marked"] in (":warning:", "\u26a0")  # 12 sends the emoji itself
     for path in ("/flows/dump", "/flows", "/options", "/state"):
         assert secrets_in(api.get(path).content, emulator, t0, "demo") == [], path
+
+
+def test_run_sh_web_starts_mitmweb_showing_vespa_comments(tmp_path: Path) -> None:
+    """`scripts/run.sh --demo --web`, as a user starts it: the token comes from mitmweb's own
+    start-up line, and the flow list has the comment column."""
+    port, web_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAST_", "XDG_CACHE"))}
+    env["HOME"] = str(tmp_path)
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(REPO / "scripts" / "run.sh"), "--demo", "--web", "--port", str(port), "--",
+                                 "--set", f"web_port={web_port}", "--set", "web_open_browser=false"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        wait_for_port(web_port, proc)
+        started = wait_for(lambda: re.search(rf"listening at http://127.0.0.1:{web_port}/(\?token=(\w+))?", log.read_text()),
+                           "mitmweb's start-up line")
+        api = Web(web_port, started.group(2))
+        with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True,
+                           json={**CHAT, "model": "demo", "stream": True}, timeout=60) as r:
+            assert r.status_code == 200 and b"[DONE]" in r.raw.read()
+        wait_for(lambda: [f for f in api.flows() if "vespa-demo @ " in f["comment"] and "-> 200 streamed" in f["comment"]],
+                 "the demo flow in mitmweb")
+        assert "comment" in api.get("/options").json()["web_columns"]["value"]
+    finally:
+        stop(proc, timeout=15)
+    assert proc.returncode == 0, log.read_text()
