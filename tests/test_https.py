@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +21,8 @@ from cryptography import x509
 
 from tests.conftest import free_port, run_proxy
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
-from vespa.workerca import CA_PATH
+from vespa.emulator.tls import CertAuthority
+from vespa.workerca import CA_PATH, cached_ca_path
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello over TLS"}], "stream": True}
 
@@ -125,6 +127,26 @@ def test_worker_with_a_foreign_certificate_is_refused_with_json(emu: Emulator, t
     assert not [r for r in emu.records.worker if r.worker_id == impostor.id]
     # The first download, then one refresh after the failure (a rotated CA), not one per failure.
     assert ca_fetches(emu) - before == 2
+
+
+def test_a_stale_cached_ca_is_replaced_after_a_verification_failure(
+    emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As after Vast rotates its CA: the cached one no longer verifies the workers."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = cached_ca_path(emu.console_url)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(CertAuthority.generate("Vast's old CA").pem())
+    before = ca_fetches(emu)
+    with https_proxy(emu, "secure", tmp_path) as proxy:
+        first = requests.post(proxy.url + "/v1/chat/completions", json=CHAT, timeout=30)
+        assert first.status_code == 502 and first.json()["error"]["type"] == "worker_tls_failed"
+        deadline = time.monotonic() + 20  # the refresh runs in the background; wait for it, not time it
+        while (resp := requests.post(proxy.url + "/v1/chat/completions", json=CHAT, timeout=30)).status_code != 200:
+            assert time.monotonic() < deadline, resp.text
+            time.sleep(0.1)
+    assert ca_fetches(emu) - before == 1
+    assert cached.read_bytes() == emu.ca.pem()
 
 
 def test_worker_ca_file_overrides_the_download(emu: Emulator, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx, exceptions
 
+from vespa import wire
 from vespa.errors import WorkerCaUnavailable, WorkerTlsFailed
 
 log = logging.getLogger("vespa")
@@ -233,7 +234,7 @@ class WorkerTls:
                          "it must hold Vast's root CA")  # fmt: skip
         if self.trust is not None and not updated & {"vespa_console_url", "vespa_worker_ca"}:
             return
-        if not opts.vespa_console_url.startswith(("http://", "https://")):
+        if not wire.is_http_url(opts.vespa_console_url):
             raise exceptions.OptionsError(
                 f"vespa: vespa_console_url must be an http(s) URL, got {opts.vespa_console_url!r}."
             )
