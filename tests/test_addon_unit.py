@@ -106,7 +106,7 @@ async def test_unreachable_autoscaler_fails_closed_with_502(addon) -> None:
 async def test_unexpected_exception_is_answered_not_forwarded(addon, monkeypatch: pytest.MonkeyPatch) -> None:
     a, _ = addon
 
-    async def boom(self, cost):
+    async def boom(self, cost, check=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Router, "route", boom)

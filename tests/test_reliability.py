@@ -146,3 +146,141 @@ def test_stream_breaks_midway_sse_error_event_and_no_clean_end(rproxy: Proxy, em
     (rec,) = since(emu.records.worker, t0)
     assert rec.fault == "die_after_chunks" and rec.reached_backend
     assert len(since(emu.records.route, t0)) == 1  # never resent once bytes went out
+
+
+@pytest.fixture(scope="module")
+def tight(emu: Emulator) -> Iterator[Proxy]:
+    """A proxy with short limits, so timeouts and the body limit trip within a test."""
+    with run_proxy(
+        emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
+        "vespa_first_byte_timeout_s=1", "vespa_idle_timeout_s=1", "vespa_max_body_kb=1",
+    ) as p:
+        _wait_started(p)
+        yield p
+
+
+# --- a worker that never took the request ----------------------------------------------------------
+def test_one_worker_refuses_request_is_routed_again_and_served_once(rproxy: Proxy, emu: Emulator) -> None:
+    bad, good = emu.workers("demo")
+    saved = bad.faults.refuse
+    t0 = time.monotonic()
+    try:
+        bad.faults.refuse = True
+        for _ in range(3):  # round robin: at least one of these is first sent to the bad worker
+            r = requests.post(rproxy.url + "/v1/chat/completions", json=CHAT, timeout=60)
+            assert r.status_code == 200, r.text
+    finally:
+        bad.faults.refuse = saved
+    routes = since(emu.records.route, t0)
+    workers = since(emu.records.worker, t0)
+    assert len(workers) == 3 and all(w.worker_id == good.id and w.reached_backend for w in workers)
+    rerouted = [r for r in routes if r.request_idx_in]
+    assert rerouted, "no request was routed again"
+    # The second route call names the first one's request_idx: the load is counted once.
+    outs = {r.request_idx_out for r in routes if not r.request_idx_in}
+    assert all(r.request_idx_in in outs and r.request_idx_out == r.request_idx_in for r in rerouted)
+    assert len(routes) == 3 + len(rerouted)
+
+
+def test_all_workers_refuse_bounded_reroutes_then_json_503(rproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, refuse=True):
+        r = requests.post(rproxy.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_unavailable", retry=True)
+    assert r.status_code == 503
+    routes = since(emu.records.route, t0)
+    assert len(routes) == 4  # RouterSettings.max_attempts
+    assert len({r.request_idx_out for r in routes}) == 1
+    assert since(emu.records.worker, t0) == []
+
+
+def test_worker_queue_full_429_json_503_not_processed(rproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, status=429):
+        r = requests.post(rproxy.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    assert r.status_code == 503
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_unavailable", retry=True)
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.status_code == 429 and not rec.reached_backend
+
+
+# --- timeouts ---------------------------------------------------------------------------------------
+def test_first_byte_timeout_json_504(tight: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    with faults(emu, stall_s=4.0):
+        r = requests.post(tight.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    assert r.status_code == 504
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_first_byte_timeout", retry=False)
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.fault == "stall"
+    assert len(since(emu.records.route, t0)) == 1  # the worker had it: never resent
+    _until(lambda: rec.client_disconnected)  # the proxy hung up on the silent worker
+
+
+def test_idle_gap_in_stream_sse_error_event_and_cut(tight: Proxy, emu: Emulator) -> None:
+    saved = emu.config.tokens_per_s
+    t0 = time.monotonic()
+    try:
+        emu.config.tokens_per_s = 0.4  # 2.5 s between tokens, over the 1 s idle limit
+        raw = _raw_sse(tight, {**CHAT, "stream": True, "max_tokens": 5})
+    finally:
+        emu.config.tokens_per_s = saved
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"event: error" in body and b'"worker_idle_timeout"' in body
+    assert b"data: [DONE]" not in body and not body.endswith(b"0\r\n\r\n")
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.reached_backend
+    _until(lambda: rec.client_disconnected)
+
+
+# --- the client goes away ---------------------------------------------------------------------------
+def test_client_leaves_mid_stream_worker_connection_closed(rproxy: Proxy, emu: Emulator) -> None:
+    saved = emu.config.tokens_per_s
+    t0 = time.monotonic()
+    try:
+        emu.config.tokens_per_s = 5.0
+        payload = json.dumps({**CHAT, "stream": True, "max_tokens": 200}).encode()
+        with socket.create_connection(("127.0.0.1", rproxy.port), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
+            assert b"chat.completion.chunk" in s.recv(65536) + s.recv(65536)
+        left = time.monotonic()
+        (rec,) = since(emu.records.worker, t0)
+        _until(lambda: rec.client_disconnected)
+        print(f"worker saw the client leave {time.monotonic() - left:.2f} s after it closed")
+        assert rec.chunks_sent < 200
+    finally:
+        emu.config.tokens_per_s = saved
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "err_type"),
+    [
+        (b"not json", {"Content-Type": "application/json"}, 400, "bad_body"),
+        (json.dumps({"x": "y" * 2000}).encode(), {"Content-Type": "application/json"}, 413, "body_too_large"),
+        (b"{}", {"X-Serverless-Cost": "-1"}, 400, "bad_cost"),
+        (b"{}", {"X-Serverless-Cost": "NaN"}, 400, "bad_cost"),
+        (b"{}", {"X-Serverless-Cost": "lots"}, 400, "bad_cost"),
+    ],
+)
+def test_bad_input_clear_4xx_and_nothing_sent(
+    tight: Proxy, emu: Emulator, body: bytes, headers: dict, status: int, err_type: str
+) -> None:
+    t0 = time.monotonic()
+    r = requests.post(tight.url + "/v1/chat/completions", data=body, headers=headers, timeout=60)
+    assert r.status_code == status
+    assert_vespa_json(r.status_code, r.headers, r.content, err_type, retry=False)
+    assert since(emu.records.worker, t0) == []
+    # Other flows are not disturbed.
+    assert requests.post(tight.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+
+
+def _until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.02)

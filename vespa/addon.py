@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from mitmproxy import command, ctx, exceptions, http
 
 from vespa import errorpage, health, inspection, limits, wire
-from vespa.errors import BadBody, ProxyNotConfigured, VespaError, WorkerRejectedSignature
+from vespa.errors import BadBody, ProxyNotConfigured, VespaError, WorkerRejectedSignature, WorkerUnavailable
 from vespa.metrics import Telemetry
 from vespa.routing import Routed, Router, RouterSettings
+from vespa.watchdog import Watchdog
 from vespa.workercheck import WorkerCheck
 from vespa.workerca import WorkerTls, explain_tls
 
@@ -45,6 +46,7 @@ class Flight:
     route: asyncio.Task[Routed]
     original: http.Request | None = None
     tap: inspection.Tap | None = None
+    watchdog: Watchdog | None = None
 
 
 class Vespa:
@@ -208,6 +210,8 @@ class Vespa:
             "retries": routed.retries,
         }
         flow.comment = inspection.comment(flow.metadata["vespa"])
+        flight.watchdog = Watchdog(flow, self.limits.first_byte_timeout_s, self.limits.idle_timeout_s)
+        flight.watchdog.start()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self.flights.get(flow.id)
@@ -221,6 +225,10 @@ class Vespa:
             if headers.get("content-type", "").startswith("text/event-stream"):
                 headers["cache-control"] = "no-cache"
                 headers["x-accel-buffering"] = "no"
+            if flight.watchdog is not None:  # idle gaps are timed chunk by chunk from now on
+                flow.response.stream = flight.watchdog.streaming(flow.response.stream)
+        elif flight.watchdog is not None:
+            flight.watchdog.stop()
         # The signed request has been sent, and mitmproxy's http layer reads flow.request after
         # this hook only for a log line and a websocket check (11.0.2 and 12.3.1): showing the
         # client's request now keeps the signature out of mitmweb and of saves taken mid-stream.
@@ -234,6 +242,12 @@ class Vespa:
         if flow.response.status_code == 401 and not flow.response.stream:
             self._answer(flow, WorkerRejectedSignature(
                 f"the worker {flow.metadata.get('vespa', {}).get('worker')} rejected the routing signature (401)"
+            ))
+        elif flow.response.status_code == 429 and not flow.response.stream:
+            # Queue full: rejected before any work. Not resent here: see docs/RELIABILITY.md.
+            self._answer(flow, WorkerUnavailable(
+                f"the worker {flow.metadata.get('vespa', {}).get('worker')} is full (429); "
+                "the request was not processed and may be retried"
             ))
         else:
             inspection.finish(flow, flight.tap)
@@ -261,6 +275,8 @@ class Vespa:
         if flight is None:
             return
         flight.route.cancel()
+        if flight.watchdog is not None:
+            flight.watchdog.stop()
         if flight.original is not None:
             flow.request = flight.original
 

@@ -151,7 +151,7 @@ class RouteTimeout(VespaError):
     retry_after = 5
 
 
-class WorkerConnectTimeout(VespaError):
+class WorkerConnectTimeout(WorkerUnavailable):  # retried like a refusal: nothing was sent
     """No connection to the worker in time: nothing was sent, so the client may resend."""
 
     status, type = 503, "worker_connect_timeout"

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import aiohttp
 
@@ -22,6 +23,8 @@ from vespa.errors import (
     EndpointNotFound,
     KeyRejected,
     NoWorkerInTime,
+    RouteTimeout,
+    WorkerUnavailable,
 )
 
 log = logging.getLogger("vespa.routing")
@@ -33,6 +36,9 @@ POLL_CAP_S = 1.0
 PROGRESS_EVERY_S = 5.0
 RETRY_BASE_S = 0.2
 RETRY_CAP_S = 2.0
+
+# Vets an assigned worker before the request goes to it (see Router.route).
+WorkerCheck = Callable[[wire.RouteReady], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,18 +95,36 @@ class Router:
             await resp.read()
             return resp.status
 
-    async def route(self, cost: float) -> Routed:
-        """Return a ready worker, polling while the endpoint wakes up, until the deadline."""
+    async def route(self, cost: float, check: WorkerCheck | None = None) -> Routed:
+        """Return a ready worker, polling while the endpoint wakes up, until the deadline.
+
+        `check` vets each assigned worker before anything is sent to it; when it raises
+        WorkerUnavailable (nothing sent: refused, connect timeout) the worker is skipped and the
+        same request_idx is routed again, inside this one loop, bounded by attempts and deadline.
+        """
         s = self.settings
         start = time.monotonic()
         deadline = start + s.deadline_s
-        request_idx, polls, retries = 0, 0, 0
+        request_idx, polls, retries, skipped = 0, 0, 0, 0
         next_progress = start + PROGRESS_EVERY_S
         while True:
             answer, used = await self._call(wire.RouteRequest(s.endpoint, cost, request_idx), deadline)
             retries += used
             if isinstance(answer, wire.RouteReady):
-                return Routed(answer, (time.monotonic() - start) * 1000, polls, retries)
+                try:
+                    if check is not None:
+                        await check(answer)
+                    return Routed(answer, (time.monotonic() - start) * 1000, polls, retries)
+                except WorkerUnavailable as e:
+                    skipped += 1
+                    delay = min(RETRY_CAP_S, RETRY_BASE_S * 2**skipped) * random.uniform(0.5, 1.0)
+                    if skipped >= s.max_attempts or time.monotonic() + delay >= deadline:
+                        raise
+                    log.info("worker %s skipped (%s); routing request %d again", answer.url, e.message, answer.request_idx)
+                    retries += 1
+                    request_idx = answer.request_idx or request_idx
+                    await asyncio.sleep(delay)
+                    continue
             # Re-polls carry the same request_idx so the autoscaler does not count the load twice.
             request_idx = answer.request_idx or request_idx
             now = time.monotonic()
@@ -126,8 +150,12 @@ class Router:
                     data = await resp.read()
                     status = resp.status
                 self.last_call_ms = (time.monotonic() - sent_at) * 1000
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                failure: Exception = AutoscalerUnreachable(
+            except asyncio.TimeoutError:
+                failure: Exception = RouteTimeout(
+                    f"the autoscaler did not answer /route/ within {s.call_timeout_s:g} s"
+                )
+            except aiohttp.ClientError as e:
+                failure = AutoscalerUnreachable(
                     f"cannot reach the autoscaler at {s.autoscaler_url}: {type(e).__name__} {e}".strip()
                 )
             else:

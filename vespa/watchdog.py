@@ -1,0 +1,87 @@
+"""Time to first byte and idle gaps: cut the worker connection when the worker goes silent.
+
+mitmproxy has no per-request timeout (11 waits 600 s of inactivity, hard-coded; 12.2.1+ has
+`tcp_timeout` per connection) and cannot kill a flow in transit (flow.kill is only read after a
+hook, mitmproxy #4711). So the watchdog names the cause for vespa/errorpage.py, then aborts the
+worker's socket: mitmproxy sees the worker close, and the client gets the JSON error (nothing sent
+yet) or the SSE error event and a cut stream (mid-stream). Timers are loop callbacks: no task and
+no blocking per flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mitmproxy import ctx, http
+
+from vespa import errorpage
+from vespa.errors import VespaError, WorkerFirstByteTimeout, WorkerIdleTimeout
+
+log = logging.getLogger("vespa.watchdog")
+Stream = Callable[[bytes], bytes] | bool
+
+
+@dataclass(slots=True)
+class Watchdog:
+    flow: http.HTTPFlow
+    first_byte_s: float
+    idle_s: float
+    inner: Stream = True
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        """The request is about to leave for the worker: its first byte must come in time."""
+        self._arm(self.first_byte_s, WorkerFirstByteTimeout(
+            f"the worker sent no response within {self.first_byte_s:g} s (vespa_first_byte_timeout_s)"
+        ))
+
+    def streaming(self, inner: Stream) -> Watchdog:
+        """Headers came: from now on every chunk must follow the last within idle_s."""
+        self.inner = inner
+        self._idle()
+        return self
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __call__(self, chunk: bytes) -> bytes:
+        # mitmproxy's stream callable: called per chunk, and with b"" at the end.
+        if chunk:
+            self._idle()
+        else:
+            self.stop()
+        return self.inner(chunk) if callable(self.inner) else chunk
+
+    def _idle(self) -> None:
+        self._arm(self.idle_s, WorkerIdleTimeout(
+            f"the worker's stream was silent for {self.idle_s:g} s (vespa_idle_timeout_s); the answer is incomplete"
+        ))
+
+    def _arm(self, seconds: float, err: VespaError) -> None:
+        self.stop()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, err)
+
+    def _expire(self, err: VespaError) -> None:
+        self._timer = None
+        if not self.flow.live:
+            return
+        errorpage.note(self.flow, err)
+        if not _abort_server(self.flow):
+            log.warning("vespa: %s, but the worker connection could not be found to close it", err.message)
+
+
+def _abort_server(flow: http.HTTPFlow) -> bool:
+    """Abort the socket to the worker (mitmproxy internals, the same in 11.0.2 and 12.3.1)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    io = handler.transports.get(flow.server_conn) if handler is not None else None
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
