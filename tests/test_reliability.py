@@ -284,3 +284,104 @@ def _until(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met"
         time.sleep(0.02)
+
+
+# --- worker URLs the proxy must refuse ------------------------------------------------------------------
+def test_worker_url_pointing_at_the_proxy_is_refused() -> None:
+    import asyncio
+
+    from vespa import wire
+    from vespa.errors import BadRouteAnswer
+    from vespa.workercheck import WorkerCheck
+
+    check = WorkerCheck(1, lambda: [("127.0.0.1", 8080), ("0.0.0.0", 9090)])
+    for url in ("http://127.0.0.1:8080", "https://localhost:8080", "http://[::1]:8080", "http://10.1.2.3:9090"):
+        ready = wire.RouteReady(url=url, request_idx=1, auth_data={})
+        with pytest.raises(BadRouteAnswer, match="points at this proxy"):
+            asyncio.run(check(ready))
+    assert not check.is_self("10.1.2.3", 8080) and not check.is_self("127.0.0.1", 8081)
+    # Not http(s) at all: refused when the route answer is parsed.
+    answer = {"url": "file:///etc/passwd", "cost": 1, "endpoint": "e", "reqnum": 1, "request_idx": 1, "signature": "s"}
+    with pytest.raises(BadRouteAnswer, match="not http"):
+        wire.parse_route_answer(json.dumps(answer).encode())
+
+
+def test_route_call_timeout_has_its_own_type() -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from vespa.errors import RouteTimeout
+    from vespa.routing import Router, RouterSettings
+
+    async def run() -> None:
+        async def slow(request: web.Request) -> web.Response:
+            await asyncio.sleep(5)
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_post("/route/", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        router = Router(RouterSettings(f"http://127.0.0.1:{port}", "e", "k", deadline_s=30, call_timeout_s=0.2, max_attempts=2))
+        try:
+            with pytest.raises(RouteTimeout):
+                await router.route(1.0)
+        finally:
+            await router.close()
+            await runner.cleanup()
+
+    asyncio.run(run())
+
+
+# --- load ------------------------------------------------------------------------------------------------
+def test_load_500_concurrent_half_streamed(emu: Emulator) -> None:
+    """500 requests at once (250 streamed): no error, bodies exactly the backend's; timing and
+    memory are reported, not asserted."""
+    import asyncio
+
+    import aiohttp
+
+    from vespa.emulator.backend import completion_text
+
+    n_tokens = 6
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+        requests.post(p.url + "/v1/completions", json={"prompt": "p", "max_tokens": 1}, timeout=60)
+        rss0 = _rss(p.proc.pid)
+
+        async def one(session: aiohttp.ClientSession, i: int) -> str:
+            stream = i % 2 == 0
+            body = {"model": "m", "prompt": "p", "max_tokens": n_tokens, "stream": stream}
+            async with session.post(p.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                if not stream:
+                    return (await resp.json())["choices"][0]["text"]
+                text = []
+                async for line in resp.content:
+                    if line.startswith(b"data: {"):
+                        text.append(json.loads(line[6:])["choices"][0]["text"])
+                return "".join(text)
+
+        async def run() -> list[str]:
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+                return await asyncio.gather(*(one(s, i) for i in range(500)))
+
+        t0 = time.monotonic()
+        texts = asyncio.run(run())
+        elapsed = time.monotonic() - t0
+        assert texts == [completion_text(n_tokens)] * 500
+        time.sleep(1)
+        rss1 = _rss(p.proc.pid)
+        print(f"\nload: 500 requests in {elapsed:.1f} s; proxy RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB")
+        assert rss1 < rss0 * 2 + 50 * 2**20  # back near its start, not growing per request
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux /proc; no psutil needed)."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb * 1024
