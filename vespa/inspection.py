@@ -84,7 +84,9 @@ def note(flow: http.HTTPFlow, outcome: str, failed: bool) -> None:
 def sent(request: http.Request) -> dict[str, Any]:
     """The client's request, in the short form the comment shows."""
     body = request.raw_content
-    return {"method": request.method, "path": request.path, "bytes": None if body is None else len(body)}
+    # Without the query: it may carry the client's own tokens, and mitmweb shows the full URL anyway.
+    path = request.path.partition("?")[0]
+    return {"method": request.method, "path": path, "bytes": None if body is None else len(body)}
 
 
 def _outcome(status: int, stream: object, tap: Tap | None) -> str:
