@@ -105,16 +105,30 @@ def test_worker_refuses_http1_client_gets_json_not_html(rproxy: Proxy, emu: Emul
     assert len(since(emu.records.route, t0)) >= 1
 
 
-def test_worker_refuses_http2_client_gets_json_not_html(rproxy: Proxy, emu: Emulator) -> None:
+def test_mitmproxy_error_reply_is_json_over_http2(tight: Proxy, emu: Emulator) -> None:
+    """The first-byte watchdog cuts the worker, so mitmproxy itself answers the HTTP/2 stream:
+    errorpage must turn that reply into Vespa's JSON (the HTTP/1 case: test_first_byte_timeout)."""
     t0 = time.monotonic()
-    with faults(emu, refuse=True):
-        status, headers, body = curl_h2(f"https://127.0.0.1:{rproxy.port}/v1/chat/completions", CHAT)
-    assert status.startswith("HTTP/2 503"), status
-    assert_vespa_json(503, headers, body, "worker_unavailable", retry=True)
-    assert since(emu.records.worker, t0) == []
-    # Still the same proxy, still serving.
-    status, _, body = curl_h2(f"https://127.0.0.1:{rproxy.port}/v1/chat/completions", CHAT)
+    with faults(emu, stall_s=4.0):
+        status, headers, body = curl_h2(f"https://127.0.0.1:{tight.port}/v1/chat/completions", CHAT)
+    assert status.startswith("HTTP/2 504"), status
+    assert_vespa_json(504, headers, body, "worker_first_byte_timeout", retry=False)
+    assert len(since(emu.records.worker, t0)) == 1
+    # The same proxy still serves HTTP/2.
+    status, _, body = curl_h2(f"https://127.0.0.1:{tight.port}/v1/chat/completions", CHAT)
     assert status.startswith("HTTP/2 200") and json.loads(body)["choices"]
+
+
+def test_explain_maps_mitmproxy_connect_errors_to_not_processed() -> None:
+    from vespa import errorpage
+
+    # Messages as measured from mitmproxy 11.0.2 and 12.3.1 when the worker refuses.
+    err = errorpage.explain("[Errno 111] Connect call failed ('127.0.0.1', 41649)", 502)
+    assert err.type == "worker_unavailable" and err.retry_after and "not processed" in err.message
+    err = errorpage.explain("peer closed connection without sending complete message body", 502)
+    assert err.type == "worker_failed" and err.retry_after is None
+    assert errorpage.explain("Request body exceeds mitmproxy's body_size_limit.", 413).status == 413
+    assert errorpage.explain("Response body exceeds mitmproxy's body_size_limit.", 502).type == "worker_response_too_large"
 
 
 def _raw_sse(proxy: Proxy, body: dict) -> bytes:
