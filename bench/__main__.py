@@ -72,7 +72,7 @@ async def run(plan: phases.Plan, profile_to: Path | None) -> dict[str, Any]:
         info = emu.info
         assert info is not None
         log(f"emulator up: autoscaler {info.autoscaler_url}, {len(info.worker_urls)} workers")
-        vespa = stack.enter_context(proxies.vespa_proxy(info.autoscaler_url, info.endpoint, info.api_key))
+        vespa = stack.enter_context(proxies.vespa_proxy(info.autoscaler_url, info.console_url, info.endpoint, info.api_key))
         bare = stack.enter_context(proxies.bare_proxy(info.backend_url))
         bare_stream = stack.enter_context(proxies.bare_proxy(info.backend_url, "stream_large_bodies=1"))
         t = load.Targets(backend=info.backend_url, worker=info.worker_urls[0], autoscaler=info.autoscaler_url,
@@ -84,7 +84,7 @@ async def run(plan: phases.Plan, profile_to: Path | None) -> dict[str, Any]:
 
         log("latency and throughput of small requests ...")
         with profiling(vespa, profile_to):
-            results["latency"] = await phases.latency(t, plan)
+            results["latency"] = await phases.latency(t, plan, {"vespa": vespa.proc.pid, "bare-mitm": bare.proc.pid})
         emu.clear_records()
         log("SSE time to first token and inter-token gaps ...")
         results["sse"] = await phases.sse(t, emu, plan)
@@ -100,22 +100,28 @@ async def run(plan: phases.Plan, profile_to: Path | None) -> dict[str, Any]:
         results["cold"] = await phases.cold_start(t, emu, plan)
         emu.clear_records()
         log(f"connections to the autoscaler for {plan.sequential} sequential requests ...")
-        results["connections"] = await connections(t, plan)
+        results["connections"] = await connections(t, plan, info.console_url)
     return results
 
 
-async def connections(t: load.Targets, plan: phases.Plan) -> dict[str, Any]:
+async def connections(t: load.Targets, plan: phases.Plan, console_url: str) -> dict[str, Any]:
+    """Connections to the autoscaler, counted by a relay in front of it, for sequential requests."""
     url = urlsplit(t.autoscaler)
+    out: dict[str, Any] = {"requests": plan.sequential}
     async with CountingRelay(url.hostname or "127.0.0.1", url.port or 80) as relay:
         via = dataclasses.replace(t, autoscaler=relay.url)
-        # A fresh Vespa, so its route pool starts empty and every connection it opens counts.
-        with proxies.vespa_proxy(relay.url, t.endpoint, t.api_key) as fresh:
-            via.vespa = fresh.url
-            await phases.sequential(via.sender("vespa"), plan.sequential, new_connection_each=True)
-            vespa_conns = relay.accepted
+        # Fresh proxies, so every connection they open counts. With eager (mitmproxy's default),
+        # each client connection also opens one to the reverse target, which is the autoscaler.
+        for name, strategy in (("vespa", "lazy"), ("vespa-eager", "eager")):
+            before = relay.accepted
+            with proxies.vespa_proxy(relay.url, console_url, t.endpoint, t.api_key, strategy) as fresh:
+                via.vespa = fresh.url
+                await phases.sequential(via.sender("vespa"), plan.sequential, new_connection_each=True)
+            out[name] = relay.accepted - before
         before = relay.accepted
         await phases.sequential(via.sender("two-step"), plan.sequential, new_connection_each=False)
-        return {"requests": plan.sequential, "vespa": vespa_conns, "two-step": relay.accepted - before}
+        out["two-step"] = relay.accepted - before
+    return out
 
 
 @contextlib.contextmanager
@@ -156,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     md = report.markdown(results)
     (args.out / "results.md").write_text(md)
-    report.plot(results, args.out / "results.png")
+    try:
+        report.plot(results, args.out / "results.png")
+    except ImportError:
+        log("matplotlib is missing, so no results.png: bench/run.sh installs bench/requirements.txt")
     print(md)
     log(f"done in {results['wall_s']:.0f} s; wrote {args.out}/results.{{json,md,png}}")
     return 0

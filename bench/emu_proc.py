@@ -19,6 +19,7 @@ ENDPOINT = "bench"
 @dataclass(frozen=True)
 class EmuInfo:
     autoscaler_url: str
+    console_url: str
     backend_url: str
     worker_urls: list[str]
     endpoint: str
@@ -31,7 +32,7 @@ def _serve(conn: Connection) -> None:
     # A generous queue: the 200-stream phase must measure the proxy, not the worker's 429s.
     ep = EndpointConfig(name=ENDPOINT, workers=2, generation="C", max_perf=1e6, max_queue_time=1e6)
     with Emulator(EmulatorConfig(endpoints=[ep], console_rate_limit=None)) as emu:
-        conn.send(EmuInfo(emu.autoscaler_url, emu.backend_url, [w.url for w in emu.workers(ENDPOINT)], ENDPOINT, ep.api_key))
+        conn.send(EmuInfo(emu.autoscaler_url, emu.console_url, emu.backend_url, [w.url for w in emu.workers(ENDPOINT)], ENDPOINT, ep.api_key))
         while True:
             cmd, args = conn.recv()
             if cmd == "stop":

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from bench import load
 from bench.emu_proc import EmulatorProcess
 from bench.load import Targets
-from bench.proxies import PeakRss, Proc
+from bench.proxies import PeakRss, Proc, cpu_s
 from bench.stats import summary
 from vespa import wire
 
@@ -57,21 +57,28 @@ PLANS = {
 }
 
 
-async def latency(t: Targets, plan: Plan) -> dict[str, Any]:
-    """Small non-streamed requests: latency and requests/s per path and concurrency."""
+async def latency(t: Targets, plan: Plan, pids: dict[str, int]) -> dict[str, Any]:
+    """Small non-streamed requests: latency and requests/s per path and concurrency.
+
+    `pids` maps a path to the proxy process on it, whose CPU time per request is recorded.
+    """
     out: dict[str, Any] = {}
     for c, n in plan.latency_n.items():
         sessions = {p: load.session(c) for p in LATENCY_PATHS}
         try:
             lat: dict[str, list[float]] = {p: [] for p in LATENCY_PATHS}
             walls: dict[str, list[tuple[int, float]]] = {p: [] for p in LATENCY_PATHS}  # (requests, s) per round
+            cpu = dict.fromkeys(pids, 0.0)
             for p in LATENCY_PATHS:  # warm-up: open the pools, and Vespa's to the autoscaler
                 await load.closed_loop(t.sender(p), sessions[p], 2 * c, c)
             per_round = max(c, n // plan.rounds)
             for r in range(plan.rounds):
                 order = LATENCY_PATHS[r % len(LATENCY_PATHS):] + LATENCY_PATHS[: r % len(LATENCY_PATHS)]
                 for p in order:
+                    cpu0 = cpu_s(pids[p]) if p in pids else 0.0
                     ms, wall = await load.closed_loop(t.sender(p), sessions[p], per_round, c)
+                    if p in pids:
+                        cpu[p] += cpu_s(pids[p]) - cpu0
                     lat[p] += ms
                     walls[p].append((len(ms), wall))
         finally:
@@ -80,6 +87,7 @@ async def latency(t: Targets, plan: Plan) -> dict[str, Any]:
         out[str(c)] = {
             p: summary(lat[p]) | {"rps": len(lat[p]) / sum(w for _, w in walls[p]),
                                   "rps_rounds": [k / w for k, w in walls[p]]}
+            | ({"proxy_cpu_ms": 1000 * cpu[p] / len(lat[p])} if p in pids else {})
             for p in LATENCY_PATHS
         }
     return out

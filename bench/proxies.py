@@ -7,6 +7,7 @@ Vespa runs with exactly the command and environment `scripts/run.sh` builds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -27,13 +28,21 @@ BARE_OPTIONS = ("connection_strategy=lazy", "flow_detail=0")
 
 
 @contextlib.contextmanager
-def vespa_proxy(autoscaler_url: str, endpoint: str, api_key: str) -> Iterator[Proc]:
+def vespa_proxy(
+    autoscaler_url: str, console_url: str, endpoint: str, api_key: str, strategy: str = "lazy"
+) -> Iterator[Proc]:
     port = free_port()
-    proxy = launcher.Proxy(
-        target=launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
-        host="127.0.0.1", port=port, autoscaler_url=autoscaler_url, web=False, debug=False, extra=[],
-    )
-    with _run(launcher.mitm_command(proxy), launcher.mitm_env(proxy), port) as p:
+    known = {
+        "target": launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
+        "host": "127.0.0.1", "port": port, "autoscaler_url": autoscaler_url, "console_url": console_url,
+        "web": False, "debug": False, "extra": [],
+    }
+    # By field name, so the launcher can grow fields with defaults without breaking the bench.
+    proxy = launcher.Proxy(**{f.name: known[f.name] for f in dataclasses.fields(launcher.Proxy) if f.name in known})
+    # `strategy` swaps the launcher's choice in place (a second --set of it would be refused),
+    # to show what the other choice would cost.
+    cmd = [f"connection_strategy={strategy}" if a == "connection_strategy=lazy" else a for a in launcher.mitm_command(proxy)]
+    with _run(cmd, launcher.mitm_env(proxy), port) as p:
         yield p
 
 
@@ -101,6 +110,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU time the process has used: less sensitive to a busy machine than wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -59,6 +59,11 @@ def figures(r: dict[str, Any]) -> list[Figure]:
         overall = paths["vespa"]["rps"] / paths["bare-mitm"]["rps"]
         out.append(Figure(f"c={c}: throughput vespa / bare-mitm (overall; worst round)", overall, min(ratios), "ratio",
                           "≥ 0.90 at c=64" if c == "64" else "", overall >= 0.9 if c == "64" else None))
+    for c, paths in lat.items():
+        v, b = paths["vespa"].get("proxy_cpu_ms"), paths["bare-mitm"].get("proxy_cpu_ms")
+        if v is not None and b is not None:
+            out.append(Figure(f"c={c}: proxy CPU per request, vespa − bare-mitm (vespa total in p99 column)", v - b, v,
+                              "ms"))
     sse = r["sse"]["paths"]
     ttft = _diff(sse["vespa"]["ttft"], sse["two-step"]["ttft"])
     out += [
@@ -96,8 +101,12 @@ def figures(r: dict[str, Any]) -> list[Figure]:
                steady["p50"] <= 1.25 if steady else None),
     ]
     cn = r["connections"]
-    out.append(Figure(f"Connections to the autoscaler for {cn['requests']} sequential requests: vespa (two-step pooled)",
-                      cn["vespa"], cn["two-step"], "count", "1, or a few", cn["vespa"] <= 3))
+    out.append(Figure(f"Connections to the autoscaler for {cn['requests']} sequential requests, a new client "
+                      "connection each: vespa (two-step with a pooled client)", cn["vespa"], cn["two-step"], "count",
+                      "1, or a few", cn["vespa"] <= 3))
+    if "vespa-eager" in cn:
+        out.append(Figure("… the same with connection_strategy=eager (mitmproxy's default)", cn["vespa-eager"], None,
+                          "count"))
     return out
 
 
