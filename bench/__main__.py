@@ -34,12 +34,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_const", dest="plan", const="quick",
+    p.add_argument("--quick", action="store_const", dest="plan", const="quick", default="full",
                    help="small counts (about a minute): for development, not for the README")
     p.add_argument("--plan", choices=sorted(phases.PLANS), default="full", help="counts to use (default: %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: bench/results)")
     p.add_argument("--profile", action="store_true",
-                   help="also record Vespa's mitmdump with py-spy during the c=64 load (profile-vespa.txt)")
+                   help="also record Vespa's mitmdump with py-spy during the small-request phase (profile-vespa.txt)")
     return p.parse_args(argv)
 
 

@@ -97,6 +97,7 @@ async def sse(t: Targets, emu: EmulatorProcess, plan: Plan) -> dict[str, Any]:
     """Time to first token and gaps between tokens, per path."""
     emu.configure(ttft_ms=plan.sse_ttft_ms, tokens_per_s=plan.sse_tokens_per_s)
     timings: dict[str, list[load.StreamTiming]] = {p: [] for p in SSE_PATHS}
+    stream_s = (plan.sse_ttft_ms / 1000) + plan.sse_tokens / plan.sse_tokens_per_s
     sessions = {p: load.session(plan.sse_concurrency) for p in SSE_PATHS}
     try:
         rounds = 2 if plan.sse_streams >= 2 * plan.sse_concurrency else 1
@@ -104,13 +105,16 @@ async def sse(t: Targets, emu: EmulatorProcess, plan: Plan) -> dict[str, Any]:
             for p in SSE_PATHS[r:] + SSE_PATHS[:r]:
                 left = plan.sse_streams // rounds
 
-                async def client(p: str = p) -> None:
+                async def client(k: int, p: str = p) -> None:
                     nonlocal left
+                    # Staggered: streams of equal length started together would reach the proxy
+                    # in bursts and time its queueing, not its added latency.
+                    await asyncio.sleep(k * stream_s / plan.sse_concurrency)
                     while left > 0:
                         left -= 1
                         timings[p].append(await load.sse_once(t.sender(p), sessions[p], plan.sse_tokens))
 
-                await asyncio.gather(*(client() for _ in range(plan.sse_concurrency)))
+                await asyncio.gather(*(client(k) for k in range(plan.sse_concurrency)))
     finally:
         for s in sessions.values():
             await s.close()
