@@ -448,6 +448,39 @@ def test_refuse_closes_the_port_and_reopens_it_on_the_same_url(emu: Emulator) ->
     assert auth["url"] == worker.url and call(auth).status_code == 200
 
 
+def test_blackhole_connects_time_out_then_clearing_serves_the_same_url(emu: Emulator) -> None:
+    worker = emu.workers("demo")[0]
+    port = urlsplit(worker.url).port
+    worker.faults.blackhole = True
+    for _ in range(2):  # the port stays a black hole, not just for its first caller
+        with pytest.raises(TimeoutError):  # not refused: the SYN gets no answer at all
+            socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    with pytest.raises(requests.ConnectTimeout):
+        requests.get(worker.url + "/", timeout=(0.5, 5))
+    worker.faults.refuse = True  # refuse wins over blackhole
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    worker.faults.refuse = False
+    worker.faults.blackhole = False
+    auth = ready(emu)
+    assert auth["url"] == worker.url and call(auth).status_code == 200
+    assert [r.worker_id for r in emu.records.worker] == [worker.id]  # nothing reached it before
+
+
+def test_reset_before_headers_reads_the_request_then_resets(emu: Emulator) -> None:
+    worker = emu.workers("demo")[0]
+    worker.faults.reset_before_headers = True
+    with pytest.raises(requests.ConnectionError, match="reset"):
+        call(ready(emu))
+    (record,) = emu.records.worker
+    assert record.fault == "reset_before_headers" and record.signature_ok and record.payload == CHAT
+    assert not record.reached_backend and record.status_code is None and not record.client_disconnected
+    worker.faults.reset_before_headers = False
+    auth = ready(emu)
+    auth = ready(emu) if auth["url"] != worker.url else auth
+    assert auth["url"] == worker.url and call(auth).status_code == 200
+
+
 @pytest.mark.parametrize("status", [429, 500])
 def test_status_fault_answers_empty_before_the_backend(emu: Emulator, status: int) -> None:
     worker = emu.workers("demo")[0]

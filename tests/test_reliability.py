@@ -218,6 +218,80 @@ def test_worker_queue_full_429_json_503_not_processed(rproxy: Proxy, emu: Emulat
     assert rec.status_code == 429 and not rec.reached_backend
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_worker_resets_before_headers_json_502_not_resent(rproxy: Proxy, emu: Emulator, stream: bool) -> None:
+    """The request bytes reached the worker, which may have started it: no resend, no Retry-After."""
+    t0 = time.monotonic()
+    with faults(emu, reset_before_headers=True):
+        r = requests.post(rproxy.url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=60)
+    assert r.status_code == 502
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_failed", retry=False)
+    (rec,) = since(emu.records.worker, t0)  # exactly one worker request: never resent
+    assert rec.fault == "reset_before_headers" and rec.signature_ok and not rec.reached_backend
+    assert len(since(emu.records.route, t0)) == 1
+
+
+# --- a worker whose connect times out (WorkerFaults.blackhole) ---------------------------------------
+CONNECT_TIMEOUT_S = 1
+ROUTE_DEADLINE_S = 2
+
+
+@pytest.fixture(scope="module")
+def quick_connect(emu: Emulator) -> Iterator[Proxy]:
+    """Connects give up after 1 s and re-routes after 2 s, so a black-holed worker costs little."""
+    with run_proxy(
+        emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
+        f"vespa_connect_timeout_s={CONNECT_TIMEOUT_S}", f"vespa_route_deadline_s={ROUTE_DEADLINE_S}",
+    ) as p:
+        _wait_started(p)
+        yield p
+
+
+def test_one_worker_connect_times_out_request_routed_again_and_served_once(
+    quick_connect: Proxy, emu: Emulator
+) -> None:
+    bad, good = emu.workers("demo")
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as undo:
+        bad.faults.blackhole = True
+        undo.callback(setattr, bad.faults, "blackhole", False)
+        for _ in range(2):  # strict round robin: one of these is first routed to the bad worker
+            r = requests.post(quick_connect.url + "/v1/chat/completions", json=CHAT, timeout=60)
+            assert r.status_code == 200, r.text
+    routes = since(emu.records.route, t0)
+    workers = since(emu.records.worker, t0)
+    assert len(workers) == 2 and all(w.worker_id == good.id and w.reached_backend for w in workers)
+    firsts = [r for r in routes if not r.request_idx_in]
+    rerouted = [r for r in routes if r.request_idx_in]
+    assert len(firsts) == 2 and rerouted, "no request was routed again"
+    assert len(routes) == 2 + len(rerouted)
+    for again in rerouted:
+        (first,) = [r for r in firsts if r.request_idx_out == again.request_idx_in]
+        assert first.worker_url == bad.url and again.worker_url == good.url
+        assert again.request_idx_out == first.request_idx_out  # the load is counted once
+        # Skipped only after the connect timeout ran out (a refusal is skipped at once).
+        assert again.time - first.time >= CONNECT_TIMEOUT_S * 0.9
+
+
+def test_all_workers_connect_time_out_json_503_with_retry_after_bounded(
+    quick_connect: Proxy, emu: Emulator
+) -> None:
+    t0 = time.monotonic()
+    with faults(emu, blackhole=True):
+        r = requests.post(quick_connect.url + "/v1/chat/completions", json=CHAT, timeout=60)
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 503
+    error = assert_vespa_json(r.status_code, r.headers, r.content, "worker_connect_timeout", retry=True)
+    assert f"within {CONNECT_TIMEOUT_S} s" in error["message"]
+    assert since(emu.records.worker, t0) == []  # the request was never sent
+    routes = since(emu.records.route, t0)
+    assert 1 <= len(routes) <= 4 and len({r.request_idx_out for r in routes}) == 1
+    # Each connect waited its timeout, and the re-routes stopped at the route deadline: bounded,
+    # where the kernel alone would keep retrying the SYN for about two minutes.
+    assert elapsed >= CONNECT_TIMEOUT_S * 0.9
+    assert elapsed < ROUTE_DEADLINE_S + CONNECT_TIMEOUT_S + 5
+
+
 # --- timeouts ---------------------------------------------------------------------------------------
 def test_first_byte_timeout_json_504(tight: Proxy, emu: Emulator) -> None:
     t0 = time.monotonic()

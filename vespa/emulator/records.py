@@ -52,7 +52,8 @@ class WorkerRecord:
     reached_backend: bool = False
     chunks_sent: int = 0
     client_disconnected: bool = False
-    # Which WorkerFaults knob decided the outcome: "status", "stall", "die_after_chunks".
+    # Which WorkerFaults knob decided the outcome: "status", "stall", "die_after_chunks",
+    # "reset_before_headers".
     fault: str | None = None
 
 

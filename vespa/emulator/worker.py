@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
 QUERY_METHODS = frozenset({"GET", "DELETE", "HEAD"})
 # Auth fields that travel as raw strings in the query; the others are JSON-encoded numbers.
 STRING_AUTH_FIELDS = frozenset({"endpoint", "signature", "url"})
+# Knobs that change the worker's listening socket, applied as soon as they are set.
+LISTENER_KNOBS = frozenset({"refuse", "blackhole"})
+# Knobs where the worker itself cuts the connection: not a client disconnect.
+OWN_ABORTS = frozenset({"die_after_chunks", "reset_before_headers"})
 # Gen B's replay window (SDK backend.py): the last 100 reqnums, nothing older than max-100.
 REPLAY_WINDOW = 100
 HOP_BY_HOP = frozenset(
@@ -56,19 +62,26 @@ AIOHTTP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 
 @dataclass
 class WorkerFaults:
-    """Failure knobs, changeable while the emulator runs. All off by default."""
+    """Failure knobs, changeable while the emulator runs. All off by default.
+
+    refuse: connects are refused (port closed). blackhole: connects time out (see
+    serving.Blackhole); refuse wins when both are set. reset_before_headers: the request is read
+    and verified, then the connection is reset before any response byte (the backend never runs).
+    """
 
     refuse: bool = False
     status: int | None = None
     die_after_chunks: int | None = None
     stall_s: float = 0.0
-    _on_refuse_change: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+    reset_before_headers: bool = False
+    blackhole: bool = False
+    _on_listener_change: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        # Closing the listener must happen now, not at the next request, so tests are not racy.
-        hook = getattr(self, "_on_refuse_change", None)
-        if name == "refuse" and hook is not None:
+        # Changing the listener must happen now, not at the next request, so tests are not racy.
+        hook = getattr(self, "_on_listener_change", None)
+        if name in LISTENER_KNOBS and hook is not None:
             hook()
 
 
@@ -128,10 +141,10 @@ class Worker:
 
     @faults.setter
     def faults(self, faults: WorkerFaults) -> None:
-        self._faults._on_refuse_change = None
+        self._faults._on_listener_change = None
         self._faults = faults
-        faults._on_refuse_change = self._refuse_changed
-        self._refuse_changed()
+        faults._on_listener_change = self._listener_changed
+        self._listener_changed()
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.url} gen {self.generation}>"
@@ -142,10 +155,10 @@ class Worker:
         self.faults = self._faults
 
     async def stop(self) -> None:
-        self._faults._on_refuse_change = None
+        self._faults._on_listener_change = None
         await self._server.stop()
 
-    def _refuse_changed(self) -> None:
+    def _listener_changed(self) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -155,14 +168,17 @@ class Worker:
             running = None
         if running is loop:
             # The task's first step closes or opens the listener, before any client I/O runs.
-            task = loop.create_task(self._apply_refuse())
+            task = loop.create_task(self._apply_listener())
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            asyncio.run_coroutine_threadsafe(self._apply_refuse(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._apply_listener(), loop).result(timeout=10)
 
-    async def _apply_refuse(self) -> None:
-        await self._server.set_listening(not self._faults.refuse)
+    async def _apply_listener(self) -> None:
+        faults = self._faults
+        # The black hole leaves the port before the server takes it back, and the other way round.
+        await self._server.set_blackhole(faults.blackhole and not faults.refuse)
+        await self._server.set_listening(not faults.refuse and not faults.blackhole)
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -188,8 +204,8 @@ class Worker:
             rec.status_code = e.status
             return e.response()
         except asyncio.CancelledError:
-            # Cancelled only by a lost connection; a die_after_chunks abort is our own doing.
-            rec.client_disconnected = rec.fault != "die_after_chunks"
+            # Cancelled only by a lost connection, unless a fault knob cut it on purpose.
+            rec.client_disconnected = rec.fault not in OWN_ABORTS
             raise
 
     async def _accept(self, request: web.Request, rec: WorkerRecord) -> _Call:
@@ -229,6 +245,10 @@ class Worker:
         if faults.status is not None:
             rec.fault = "status"
             raise Rejected(faults.status)
+        if faults.reset_before_headers:
+            rec.fault = "reset_before_headers"
+            _abort(request, reset=True)
+            return web.Response()  # never written: the transport is gone
         if self._inflight_cost / self._endpoint.max_perf > self._endpoint.max_queue_time:
             raise Rejected(429)
         cost = _number(call.auth_data["cost"])
@@ -296,10 +316,16 @@ class Worker:
         return True
 
 
-def _abort(request: web.Request) -> None:
-    """Drop the connection mid-response, so the client sees a truncated body, not an end."""
-    if request.transport is not None:
-        request.transport.abort()
+def _abort(request: web.Request, reset: bool = False) -> None:
+    """Drop the connection mid-response, so the client sees a truncated body, not an end.
+    With reset, an RST rather than a FIN: what a crashing worker process sends."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if reset and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _parse_body(request: web.Request) -> _Call:
