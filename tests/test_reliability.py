@@ -32,7 +32,8 @@ def emu() -> Iterator[Emulator]:
 
 @pytest.fixture(scope="module")
 def rproxy(emu: Emulator) -> Iterator[Proxy]:
-    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+    # Probe every worker before every request, so each fault below is met by the probe.
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"), "vespa_worker_trust_s=0") as p:
         _wait_started(p)
         yield p
 
@@ -208,6 +209,28 @@ def test_all_workers_refuse_bounded_reroutes_then_json_503(rproxy: Proxy, emu: E
     assert since(emu.records.worker, t0) == []
 
 
+def test_trusted_worker_that_dies_costs_one_retryable_503_then_is_routed_around(emu: Emulator) -> None:
+    """With the default trust window a worker that answered is not probed again; when it dies,
+    mitmproxy's own connect finds out: that one request gets a retryable 503, the worker is
+    distrusted, and later requests are probed and routed around it. Nothing runs twice."""
+    bad, good = emu.workers("demo")
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+        for _ in range(2):  # round robin: both workers answer once and are trusted
+            assert requests.post(p.url + "/echo", json={}, timeout=30).status_code == 200
+        t0 = time.monotonic()
+        bad.faults.refuse = True
+        try:
+            answers = [requests.post(p.url + "/echo", json={"i": i}, timeout=30) for i in range(6)]
+        finally:
+            bad.faults.refuse = False
+    failed = [r for r in answers if r.status_code != 200]
+    assert len(failed) == 1, [r.status_code for r in answers]
+    assert_vespa_json(failed[0].status_code, failed[0].headers, failed[0].content, "worker_unavailable", retry=True)
+    workers = since(emu.records.worker, t0)
+    assert all(w.worker_id == good.id for w in workers)
+    assert sorted(w.payload["i"] for w in workers) == [i for i, r in enumerate(answers) if r.status_code == 200]
+
+
 def test_worker_queue_full_429_json_503_not_processed(rproxy: Proxy, emu: Emulator) -> None:
     t0 = time.monotonic()
     with faults(emu, status=429):
@@ -290,6 +313,25 @@ def test_all_workers_connect_time_out_json_503_with_retry_after_bounded(
     # where the kernel alone would keep retrying the SYN for about two minutes.
     assert elapsed >= CONNECT_TIMEOUT_S * 0.9
     assert elapsed < ROUTE_DEADLINE_S + CONNECT_TIMEOUT_S + 5
+
+
+def test_trusted_worker_that_stops_answering_connects_times_out_not_hangs(emu: Emulator) -> None:
+    """A trusted worker is not probed, so mitmproxy's own connect meets the black hole: the
+    watchdog cancels it after vespa_connect_timeout_s, where the kernel would wait minutes."""
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
+                   f"vespa_connect_timeout_s={CONNECT_TIMEOUT_S}") as p:
+        _wait_started(p)
+        for _ in range(2):  # both workers answer once and are trusted
+            assert requests.post(p.url + "/echo", json={}, timeout=30).status_code == 200
+        t0 = time.monotonic()
+        with faults(emu, blackhole=True):
+            r = requests.post(p.url + "/echo", json={}, timeout=60)
+            elapsed = time.monotonic() - t0
+    assert_vespa_json(r.status_code, r.headers, r.content, "worker_connect_timeout", retry=True)
+    assert r.status_code == 503
+    assert len(since(emu.records.route, t0)) == 1  # trusted: no probe, no re-route
+    assert since(emu.records.worker, t0) == []
+    assert CONNECT_TIMEOUT_S * 0.9 <= elapsed < CONNECT_TIMEOUT_S + 10
 
 
 # --- timeouts ---------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ DROP_HEADERS = frozenset({
     "x-serverless-cost", "content-encoding",
 })
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
-OPTIONS = frozenset({"vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s"}) | {
+OPTIONS = frozenset({
+    "vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s", "vespa_worker_trust_s",
+}) | {
     name for name, _, _ in limits.OPTIONS
 }
 
@@ -92,6 +94,12 @@ class Vespa:
             "Seconds to wait for a worker (cold starts take minutes) before answering 503.",
         )
         loader.add_option(
+            "vespa_worker_trust_s", int, 10,
+            "Seconds a worker that answered is used again without first probing it with a TCP "
+            "connect (the probe lets Vespa route around a dead worker, at one round trip per "
+            "request); 0 probes before every request.",
+        )
+        loader.add_option(
             "vespa_capture_kb", int, 1024,
             "KiB of each streamed response kept for mitmweb and -w files (the stream itself is "
             "never cut); 0 keeps nothing.",
@@ -134,8 +142,10 @@ class Vespa:
             self.default_cost = wire.parse_cost(opts.vespa_default_cost, 1.0)
         except VespaError as e:
             raise exceptions.OptionsError(f"vespa: vespa_default_cost: {e.message}") from None
+        if opts.vespa_worker_trust_s < 0:
+            raise exceptions.OptionsError("vespa: vespa_worker_trust_s must be 0 (always probe) or more.")
         self.limits = limits.Limits.from_options(opts)
-        self.check = WorkerCheck(self.limits.connect_timeout_s, _listen_addrs)
+        self.check = WorkerCheck(self.limits.connect_timeout_s, _listen_addrs, opts.vespa_worker_trust_s)
         self._close_router()
         self.router = Router(RouterSettings(
             autoscaler_url=opts.vespa_autoscaler_url,
@@ -210,13 +220,17 @@ class Vespa:
             "retries": routed.retries,
         }
         flow.comment = inspection.comment(flow.metadata["vespa"])
-        flight.watchdog = Watchdog(flow, self.limits.first_byte_timeout_s, self.limits.idle_timeout_s)
+        flight.watchdog = Watchdog(
+            flow, self.limits.connect_timeout_s, self.limits.first_byte_timeout_s, self.limits.idle_timeout_s
+        )
         flight.watchdog.start()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self.flights.get(flow.id)
         if flight is None or not flow.live:
             return
+        if self.check is not None:
+            self.check.trust(flow.metadata["vespa"]["worker"])
         headers = flow.response.headers
         if _is_stream(headers):
             if self.capture_bytes:
@@ -257,6 +271,8 @@ class Vespa:
         flight = self.flights.get(flow.id)
         if flight is None:
             return
+        if flow.response is None and self.check is not None and "vespa" in flow.metadata:
+            self.check.distrust(flow.metadata["vespa"]["worker"])  # probed again before its next use
         self._end(flow)
         inspection.fail(flow, flight.tap)
         if flow.error:
