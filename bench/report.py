@@ -175,7 +175,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax[1][0].set_title("SSE, ms (bar p50, tick p99)")
     ax[1][0].legend(fontsize=8)
     rs, lg = r["rss_streams"], r["large"]
-    labels = [f"vespa idle", f"vespa {rs['vespa']['streams']} streams", "bare idle",
+    labels = ["vespa idle", f"vespa {rs['vespa']['streams']} streams", "bare idle",
               f"bare {rs['bare-mitm-stream']['streams']} streams", "vespa idle", f"vespa {lg['bytes'] >> 20} MiB"]
     values = [rs["vespa"]["idle_mb"], rs["vespa"]["peak_mb"], rs["bare-mitm-stream"]["idle_mb"],
               rs["bare-mitm-stream"]["peak_mb"], lg["idle_mb"], lg["peak_mb"]]

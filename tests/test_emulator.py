@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig, WorkerFaults
 from vespa.emulator.backend import completion_text, large_body
 from vespa.emulator.signing import SigningKey, load_public_key
-from vespa.wire import AUTH_FIELDS, auth_query, signed_message
+from vespa.wire import auth_query, signed_message
 
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNT_KEY = "acct-test"

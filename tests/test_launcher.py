@@ -23,6 +23,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from tests.conftest import free_port, stop, wait_for_port
 from vespa import launcher
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
 
@@ -31,21 +32,6 @@ RUN_SH = REPO / "scripts" / "run.sh"
 VAST_VARS = ("XDG_CONFIG_HOME", "VAST_ACCOUNT_KEY", "VAST_API_KEY", "VAST_ENDPOINT", "VAST_URL")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
 def children(pid: int) -> list[int]:
@@ -73,16 +59,6 @@ def proc_file(pid: int, name: str) -> str:
 def proc_environ(pid: int) -> dict[str, str]:
     pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
     return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
