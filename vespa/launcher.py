@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 EPILOG = """\
 mitmproxy:
-  -- ARGS              everything after -- goes to mitmdump/mitmweb, e.g. -- -w flows.mitm
+  -- ARGS              everything after -- goes to mitmdump/mitmweb, e.g. -- -w flows.mitm,
+                       or Vespa's own options: -- --set vespa_route_deadline_s=900
+                       (all of them: README.md, "Running the addon by hand" and "Reliability")
 
 interactive mode:
   With no endpoint or no key, and a terminal, Vespa asks for the account key (hidden), lists
