@@ -124,3 +124,29 @@ async def test_flows_loaded_from_file_are_left_alone(addon) -> None:
     await a.requestheaders(f)
     await a.request(f)
     assert f.response is None and not a.flights
+
+
+async def test_a_live_flow_the_addon_never_saw_is_answered_not_forwarded(addon) -> None:
+    # After a script reload, request() meets flows whose headers went through the old instance.
+    a, _ = addon
+    f = tflow.tflow(live=True)
+    original_url = f.request.url
+    await a.request(f)
+    assert f.response.status_code == 503
+    assert error_of(f)["type"] == "not_routed"
+    assert f.request.url == original_url and f.response.headers["retry-after"]
+
+
+@pytest.mark.parametrize("body", [
+    b'\xef\xbb\xbf{"a": 1}',  # UTF-8 with a byte-order mark
+    '{"a": 1}'.encode("utf-16"),
+])
+async def test_json_the_worker_cannot_read_gets_400(addon, body: bytes) -> None:
+    a, _ = addon
+    f = tflow.tflow(live=True)
+    f.request.method = "POST"
+    f.request.content = body
+    await a.requestheaders(f)
+    await a.request(f)
+    assert f.response.status_code == 400
+    assert error_of(f)["type"] == "bad_body"

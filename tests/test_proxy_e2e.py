@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -281,3 +282,56 @@ def test_a_slow_route_does_not_hold_up_other_requests(emulator) -> None:
         slow.join(30)
         assert finished["fast"] < finished["slow"]
         assert finished["fast"] - started_fast < finished["slow"] - started_fast - 1.0
+
+
+def test_a_client_that_gives_up_stops_the_route_polling(proxy: Proxy, emulator) -> None:
+    emulator.set_cold("demo", 6)
+    t0 = time.monotonic()
+    try:
+        body = b"{}"
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(1.5)  # the proxy is polling a cold endpoint
+        time.sleep(0.5)
+        polls_at_disconnect = len(route_records_since(emulator, t0))
+        time.sleep(2.5)  # without a stop, about one more poll every second
+        assert len(route_records_since(emulator, t0)) == polls_at_disconnect
+        assert polls_at_disconnect >= 2
+    finally:
+        emulator.set_cold("demo", 0)
+    assert not worker_records_since(emulator, t0)
+
+
+def test_flows_saved_when_the_proxy_stops_mid_request_hold_no_signature(emulator, tmp_path) -> None:
+    flows = tmp_path / "flows.mitm"
+    key = endpoint_key(emulator, "demo")
+    workers = emulator.workers("demo")
+    t0 = time.monotonic()
+    for w in workers:
+        w.faults.stall_s = 10.0  # the worker holds the signed request before answering
+    try:
+        with run_proxy(emulator.autoscaler_url, "demo", key, extra_args=("-w", str(flows))) as p:
+            client = threading.Thread(target=lambda: _swallow(
+                lambda: requests.post(p.url + "/v1/chat/completions", json=CHAT, timeout=20)), daemon=True)
+            client.start()
+            deadline = time.monotonic() + 10
+            while not worker_records_since(emulator, t0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # Leaving the block stops mitmdump while the request waits for the worker.
+        client.join(20)
+    finally:
+        for w in workers:
+            w.faults.stall_s = 0.0
+    (rec,) = worker_records_since(emulator, t0)
+    data = flows.read_bytes()
+    assert b"/v1/chat/completions" in data, "the flow in flight was not saved"
+    assert rec.auth_data["signature"].encode() not in data
+    assert b"auth_data" not in data and key.encode() not in data
+
+
+def _swallow(call) -> None:
+    try:
+        call()
+    except requests.RequestException:
+        pass

@@ -14,10 +14,17 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, connection, ctx, exceptions, http
 
 from vespa import errorpage, health, inspection, limits, wire
-from vespa.errors import BadBody, ProxyNotConfigured, VespaError, WorkerRejectedSignature, WorkerUnavailable
+from vespa.errors import (
+    BadBody,
+    NotRouted,
+    ProxyNotConfigured,
+    VespaError,
+    WorkerRejectedSignature,
+    WorkerUnavailable,
+)
 from vespa.metrics import Telemetry
 from vespa.routing import Routed, Router, RouterSettings
 from vespa.watchdog import Watchdog
@@ -45,6 +52,7 @@ OPTIONS = frozenset({
 class Flight:
     """What Vespa holds for one request while it is in flight."""
 
+    flow: http.HTTPFlow
     route: asyncio.Task[Routed]
     original: http.Request | None = None
     tap: inspection.Tap | None = None
@@ -67,6 +75,7 @@ class Vespa:
         self.check: WorkerCheck | None = None
         self.capture_bytes = 0
         self.flights: dict[str, Flight] = {}
+        self._closing: set[asyncio.Task] = set()
         self.worker_tls = WorkerTls()
 
     # --- lifecycle (kept synchronous: mitmproxy's script loader needs it) -----------------------
@@ -161,14 +170,19 @@ class Vespa:
         errorpage.uninstall()
         self.health.close()
         self._close_router()
-        for flight in self.flights.values():
-            flight.route.cancel()
+        # mitmproxy's save addon writes the flows still in flight after this: with the client's
+        # request, never the signed one.
+        for flight in list(self.flights.values()):
+            self._end(flight.flow)
 
     def _close_router(self) -> None:
         if self.router is None:
             return
         try:
-            asyncio.get_running_loop().create_task(self.router.close())
+            task = asyncio.get_running_loop().create_task(self.router.close())
+            # Held until done: the loop keeps only a weak reference to its tasks.
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         except RuntimeError:
             pass  # no loop left: the process is exiting and the sockets go with it
         self.router = None
@@ -188,16 +202,28 @@ class Vespa:
         except VespaError as e:
             return self._answer(flow, e)
         # Started now so the route call overlaps the upload of the body.
-        self.flights[flow.id] = Flight(asyncio.ensure_future(self.router.route(cost, self.check)))
+        self.flights[flow.id] = Flight(flow, asyncio.ensure_future(self.router.route(cost, self.check)))
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        flight = self.flights.get(flow.id)
-        if flight is None or not flow.live or flow.response:
+        if not flow.live or flow.response:
             return
+        flight = self.flights.get(flow.id)
+        if flight is None:
+            # Its headers went through another instance of this addon (mitmproxy reloaded the
+            # script): fail closed rather than let it reach the reverse target unsigned.
+            return self._answer(flow, NotRouted("the request was not routed: Vespa was reloaded while it arrived"))
         try:
             payload = _json_payload(flow.request)
             self.limits.check_size(payload)
-            routed = await flight.route
+            try:
+                routed = await flight.route
+            except asyncio.CancelledError:
+                if not flight.route.cancelled() or asyncio.current_task().cancelling():
+                    raise
+                # client_disconnected() stopped the route call: nobody is waiting for an answer.
+                self._end(flow)
+                flow.kill()
+                return
             await self.worker_tls.prepare(routed.ready.url)  # HTTPS workers: verified with Vast's CA
             flight.original = flow.request.copy()
             _rewrite(flow.request, routed.ready, payload)
@@ -225,12 +251,20 @@ class Vespa:
         )
         flight.watchdog.start()
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        # mitmproxy tells the flow only once its request hook returns; a cold endpoint could keep
+        # the route call polling (and then take a worker) for minutes for a client long gone.
+        for flight in self.flights.values():
+            if flight.flow.client_conn.id == client.id and not flight.route.done():
+                flight.route.cancel()
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self.flights.get(flow.id)
         if flight is None or not flow.live:
             return
-        if self.check is not None:
-            self.check.trust(flow.metadata["vespa"]["worker"])
+        worker = flow.metadata.get("vespa", {}).get("worker")
+        if self.check is not None and worker:
+            self.check.trust(worker)
         headers = flow.response.headers
         if _is_stream(headers):
             if self.capture_bytes:
@@ -290,6 +324,8 @@ class Vespa:
         flight = self.flights.pop(flow.id, None)
         if flight is None:
             return
+        if flight.route.done() and not flight.route.cancelled():
+            flight.route.exception()  # retrieved: asyncio would log an unanswered failure as an error
         flight.route.cancel()
         if flight.watchdog is not None:
             flight.watchdog.stop()
@@ -300,7 +336,7 @@ class Vespa:
     def _answer(flow: http.HTTPFlow, err: VespaError) -> None:
         flow.response = http.Response.make(err.status, err.body(), err.headers())
         inspection.note(flow, f"{err.status} {err.type}: {err.message}", failed=True)
-        log.warning("vespa: %s %s -> %d %s: %s", flow.request.method, flow.request.path, err.status, err.type, err.message)
+        log.warning("vespa: %s %s -> %d %s: %s", flow.request.method, _path(flow), err.status, err.type, err.message)
 
 
 def _json_payload(request: http.Request) -> bytes:
@@ -313,10 +349,17 @@ def _json_payload(request: http.Request) -> bytes:
         raise BadBody(f"cannot decode the request body: {e}") from None
     if payload.strip():
         try:
-            json.loads(payload)
+            # Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and a BOM, which the
+            # worker cannot read once the payload is spliced into its UTF-8 body.
+            json.loads(payload.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadBody(f"the request body is not valid JSON ({e})") from None
+            raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
     return payload
+
+
+def _path(flow: http.HTTPFlow) -> str:
+    """The path for logs, without the query: clients put tokens there."""
+    return flow.request.path.partition("?")[0]
 
 
 def _rewrite(request: http.Request, ready: wire.RouteReady, payload: bytes) -> None:

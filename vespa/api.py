@@ -3,7 +3,8 @@
     async with VastClient("my-endpoint", endpoint_key, port=0) as client:
         OpenAI(base_url=client.url + "/v1", api_key="not-used")...
 
-`VastClient` runs mitmproxy's DumpMaster in the caller's event loop with the same Vespa
+`VastClient` runs mitmproxy's DumpMaster in a thread of its own (with its own event loop, so
+blocking clients called from the caller's loop cannot stall the proxy), with the same Vespa
 addon and the same options as `scripts/run.sh`, so there is one implementation. The key is
 handed to the addon object, never put in os.environ (which child processes would inherit).
 """
@@ -75,7 +76,7 @@ def fetch_endpoint_key(
 
 
 class VastClient:
-    """A Vespa proxy for one endpoint, running in the current event loop.
+    """A Vespa proxy for one endpoint, running in a thread and event loop of its own.
 
     `port=0` picks a free port; `url` is the real address once started. Errors at start
     (bad options, port taken) raise ProxyStartError or ValueError; errors per request are

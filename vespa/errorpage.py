@@ -193,7 +193,8 @@ def _is_sse(flow: http.HTTPFlow) -> bool:
 def _log(flow: http.HTTPFlow, err: VespaError) -> None:
     flow.comment = (flow.comment + " | " if flow.comment else "") + f"vespa: {err.type}: {err.message}"
     flow.marked = ":warning:"
-    log.warning("vespa: %s %s -> %s: %s", flow.request.method, flow.request.path, err.type, err.message)
+    # The path without its query: clients put tokens there.
+    log.warning("vespa: %s %s -> %s: %s", flow.request.method, flow.request.path.partition("?")[0], err.type, err.message)
 
 
 def _json_error_response(status_code: int, message: str = "") -> bytes:

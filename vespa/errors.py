@@ -55,6 +55,14 @@ class ProxyNotConfigured(VespaError):
     status, type = 503, "not_configured"
 
 
+class NotRouted(VespaError):
+    """The request's headers reached another instance of the addon (a script reload)."""
+
+    status, type = 503, "not_routed"
+    default_hint = "Vespa was reloaded while the request arrived; it was not sent anywhere and may be retried."
+    retry_after = 1
+
+
 # --- keys and the account API ---------------------------------------------------------------
 class KeyRejected(VespaError):
     status, type = 401, "key_rejected"

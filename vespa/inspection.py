@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
+from vespa.keys import mask
+
 if TYPE_CHECKING:
     from vespa.routing import Router
 
@@ -134,7 +136,7 @@ def status(router: Router | None, in_flight: int) -> str:
     return json.dumps({
         "endpoint": s.endpoint,
         "autoscaler": s.autoscaler_url,
-        "key": f"{s.key_source}, ending ...{s.api_key[-4:]}",
+        "key": f"{s.key_source}, ending {mask(s.api_key)}",
         "last_route_call_ms": None if last is None else round(last, 1),
         "in_flight": in_flight,
     })

@@ -327,9 +327,10 @@ def preflight(proxy: Proxy) -> None:
         )
     except requests.RequestException as exc:
         raise AutoscalerUnreachable(f"cannot reach the autoscaler at {url}: {type(exc).__name__}") from exc
-    if resp.status_code == 401:
+    # The same statuses the addon's router maps (vespa/routing.py: Router._rejection).
+    if resp.status_code in (401, 403):
         raise KeyRejected(f"the autoscaler rejected the {t.key_source} for endpoint '{t.endpoint}'", _rejected_hint(t))
-    if resp.status_code == 400:
+    if resp.status_code in (400, 404):
         raise EndpointNotFound(
             f"the autoscaler does not know endpoint '{t.endpoint}' ({resp.text.strip()[:200]})",
             "Endpoint names are case-sensitive; with your account key, --list shows them.",

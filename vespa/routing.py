@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 import aiohttp
 
 from vespa import wire
+from vespa.keys import mask
 from vespa.errors import (
     AutoscalerUnreachable,
     BadRouteAnswer,
@@ -67,12 +68,17 @@ class Router:
         self.settings = settings
         self._url = settings.autoscaler_url.rstrip("/") + "/route/"
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         # Autoscaler round trip of the last answered /route/ call, for vespa.status.
         self.last_call_ms: float | None = None
 
     def _client(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running loop that will own it.
-        if self._session is None or self._session.closed:
+        # Created on first use, inside the running loop that will own it. Never re-created after
+        # close(): a route still running when the options change would leak a fresh session.
+        if self._closed:
+            raise AutoscalerUnreachable("the proxy was reconfigured or stopped while this request was routed",
+                                        hint="Retry the request.")
+        if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {self.settings.api_key}"},
                 timeout=aiohttp.ClientTimeout(total=self.settings.call_timeout_s),
@@ -83,6 +89,7 @@ class Router:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -175,12 +182,11 @@ class Router:
     def _rejection(self, status: int, data: bytes) -> Exception:
         s = self.settings
         detail = _error_text(data)
-        last4 = s.api_key[-4:]
         if status in (401, 403):
             return KeyRejected(
                 f"the autoscaler rejected the endpoint key for {s.endpoint!r} ({status}: {detail})",
                 hint=(
-                    f"The key (from {s.key_source}, ending ...{last4}) must be the ENDPOINT key of "
+                    f"The key (from {s.key_source}, ending {mask(s.api_key)}) must be the ENDPOINT key of "
                     f"{s.endpoint!r}, not the account key. Start with scripts/run.sh --account-key "
                     "(or VAST_ACCOUNT_KEY) and Vespa fetches the endpoint key for you."
                 ),
