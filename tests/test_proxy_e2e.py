@@ -335,3 +335,15 @@ def _swallow(call) -> None:
         call()
     except requests.RequestException:
         pass
+
+
+def test_one_log_line_per_request_at_info_level(proxy: Proxy) -> None:
+    marker = f"/echo-log-{time.monotonic_ns()}"
+    assert requests.post(proxy.url + marker, json={}).status_code == 404  # the backend has no such route
+    deadline = time.monotonic() + 5
+    while marker not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in proxy.log().splitlines() if marker in line]
+    assert len(lines) == 1 and "status=404" in lines[0]
+    # mitmproxy's own per-connection lines are left for termlog_verbosity=debug.
+    assert "server connect" not in proxy.log() and "client connect" not in proxy.log()

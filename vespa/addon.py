@@ -123,6 +123,12 @@ class Vespa:
             # and termlog_verbosity=debug do not (the dumper sees the restored client request).
             log.warning("vespa: proxy_debug logs every byte sent to workers, route signatures included; "
                         "keep this log private and turn proxy_debug off again.")
+        if "termlog_verbosity" in updated:
+            # One line per request (vespa.requests) instead of mitmproxy's four connection lines
+            # (client connect, server connect, streaming, disconnect) at info level; they come
+            # back with termlog_verbosity=debug (scripts/run.sh --debug).
+            quiet = ctx.options.termlog_verbosity != "debug"
+            logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING if quiet else logging.NOTSET)
         self.worker_tls.configure(updated)
         if "vespa_capture_kb" in updated:
             if ctx.options.vespa_capture_kb < 0:
