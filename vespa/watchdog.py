@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +39,7 @@ class Watchdog:
     inner: Stream = True
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _started: float = 0.0
+    _last_chunk: float = 0.0
 
     def start(self) -> None:
         """The request is about to leave for the worker: connect, then the first byte, in time."""
@@ -73,7 +75,8 @@ class Watchdog:
     def streaming(self, inner: Stream) -> Watchdog:
         """Headers came: from now on every chunk must follow the last within idle_s."""
         self.inner = inner
-        self._idle()
+        self._last_chunk = time.monotonic()
+        self._arm_idle(self.idle_s)
         return self
 
     def stop(self) -> None:
@@ -82,15 +85,24 @@ class Watchdog:
             self._timer = None
 
     def __call__(self, chunk: bytes) -> bytes:
-        # mitmproxy's stream callable: called per chunk, and with b"" at the end.
+        # mitmproxy's stream callable: called per chunk, and with b"" at the end. A chunk only
+        # notes the time; the one idle timer checks it when due (no timer churn per token).
         if chunk:
-            self._idle()
+            self._last_chunk = time.monotonic()
         else:
             self.stop()
         return self.inner(chunk) if callable(self.inner) else chunk
 
-    def _idle(self) -> None:
-        self._arm(self.idle_s, WorkerIdleTimeout(
+    def _arm_idle(self, seconds: float) -> None:
+        self.stop()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._idle_due)
+
+    def _idle_due(self) -> None:
+        self._timer = None
+        silent = time.monotonic() - self._last_chunk
+        if silent < self.idle_s:
+            return self._arm_idle(self.idle_s - silent)
+        self._expire(WorkerIdleTimeout(
             f"the worker's stream was silent for {self.idle_s:g} s (vespa_idle_timeout_s); the answer is incomplete"
         ))
 
