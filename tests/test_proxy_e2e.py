@@ -347,3 +347,15 @@ def test_one_log_line_per_request_at_info_level(proxy: Proxy) -> None:
     assert len(lines) == 1 and "status=404" in lines[0]
     # mitmproxy's own per-connection lines are left for termlog_verbosity=debug.
     assert "server connect" not in proxy.log() and "client connect" not in proxy.log()
+
+
+def test_a_malformed_request_head_gets_json_not_html(proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"NOT A REQUEST\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"content-type: application/json" in head.lower() and b"<html" not in body.lower()
+    assert json.loads(body)["error"]["type"]
