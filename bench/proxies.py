@@ -9,17 +9,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
 from vespa import launcher
+from vespa.procs import free_port, stop, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -76,40 +74,13 @@ def _run(cmd: list[str], env: dict[str, str], port: int) -> Iterator[Proc]:
     p = Proc(proc, port, Path(log.name))
     try:
         try:
-            _wait_for_port(port, proc)
+            wait_for_port(port, proc, timeout=60.0)
         except Exception as e:
             raise RuntimeError(f"{e}\n--- {Path(cmd[0]).name} log ---\n{p.log.read_text(errors='replace')[-3000:]}") from e
         yield p
     finally:
-        _stop(proc)
+        stop(proc)
         p.log.unlink(missing_ok=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mitmdump exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cpu_s(pid: int) -> float:

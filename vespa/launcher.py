@@ -29,6 +29,7 @@ import requests
 from vespa import console, keys
 from vespa.errors import AutoscalerUnreachable, EndpointNotFound, KeyRejected, VespaError
 from vespa.instances import INSTANCES, Instance
+from vespa.procs import stop
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "vespa_addon.py"
@@ -428,17 +429,7 @@ def run_child(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _stop(child)
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(child, timeout=5.0)
 
 
 # --- --list -------------------------------------------------------------------------------------
@@ -490,7 +481,7 @@ def emulator() -> Iterator[dict]:
         try:
             yield _ready_line(proc, out, err)
         finally:
-            _stop(proc)
+            stop(proc, timeout=5.0)
 
 
 def _ready_line(proc: subprocess.Popen, out: IO[bytes], err: IO[bytes]) -> dict:
