@@ -1,4 +1,4 @@
-"""The addon's hooks in-process (mitmproxy's taddons), without a network where none is needed."""
+"""The addon's hooks in-process (mitmproxy's taddons), with a real worker leg behind them."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ import socket
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow
 
-from mitmproxy.addons.proxyserver import Proxyserver
-
+from vespa import addon as addon_module
 from vespa.addon import Vespa
-from vespa.routing import Router
+from vespa.leg import ENDPOINT_HEADER, FACTS_HEADER
+
+KEY = "ep-secret-key-1234"
 
 
 @pytest.fixture
 def addon(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("VAST_API_KEY", "ep-secret-key-1234")
+    monkeypatch.setenv("VAST_API_KEY", KEY)
     monkeypatch.setenv("VAST_ENDPOINT", "demo")  # lets the configure() at load time pass
     a = Vespa()
-    # Proxyserver declares stream_large_bodies, which the addon must refuse.
     with taddons.context(a, Proxyserver()) as tctx:
         # A closed port: nothing listens there, so a route attempt fails fast.
         with socket.socket() as s:
@@ -28,6 +29,7 @@ def addon(monkeypatch: pytest.MonkeyPatch):
             closed = s.getsockname()[1]
         tctx.configure(a, vespa_endpoint="demo", vespa_autoscaler_url=f"http://127.0.0.1:{closed}")
         yield a, tctx
+        a.done()
 
 
 def error_of(flow) -> dict:
@@ -61,7 +63,8 @@ def test_missing_key_stops_startup_and_says_where_to_put_it(monkeypatch: pytest.
     ({"vespa_default_cost": "-3"}, "vespa_default_cost"),
     ({"vespa_autoscaler_url": "run.vast.ai"}, "http"),
     ({"vespa_route_deadline_s": 0}, "positive"),
-    ({"stream_large_bodies": "1m"}, "stream_large_bodies"),
+    ({"vespa_max_headers": 0}, "positive"),
+    ({"vespa_worker_ca": "/nonexistent/ca.pem"}, "no such file"),
 ])
 def test_bad_options_are_refused(addon, opts: dict, why: str) -> None:
     a, tctx = addon
@@ -69,61 +72,96 @@ def test_bad_options_are_refused(addon, opts: dict, why: str) -> None:
         tctx.configure(a, **opts)
 
 
-async def test_bad_cost_header_gets_400_and_never_routes(addon) -> None:
+def test_the_addon_sets_what_it_needs_of_mitmproxy(addon) -> None:
+    a, tctx = addon
+    tctx.configure(a, connection_strategy="eager")
+    assert tctx.options.connection_strategy == "lazy"  # no wasted connect to the reverse target
+    tctx.configure(a, vespa_max_body_kb=64)
+    assert tctx.options.body_size_limit == "64k"  # refused before it is held
+
+
+@pytest.mark.parametrize("modes, expected", [
+    (["reverse:http://127.0.0.1:9/"], "http://127.0.0.1:9/"),
+    (["reverse:https://run.vast.ai@8010"], "https://run.vast.ai"),
+    (["regular"], None),
+    ([], None),
+])
+def test_the_reverse_target_names_the_autoscaler(modes: list[str], expected: str | None) -> None:
+    assert addon_module._reverse_target(modes) == expected
+
+
+async def test_a_flow_goes_to_the_worker_leg_with_its_path_untouched(addon) -> None:
     a, _ = addon
     f = tflow.tflow(live=True)
-    f.request.headers["X-Serverless-Cost"] = "-5"
+    f.request.path = "//echo/a?x=1"
     await a.requestheaders(f)
-    assert f.response.status_code == 400
-    assert error_of(f)["type"] == "bad_cost"
-    assert not a.flights
+    assert f.response is None
+    assert (f.request.host, f.request.port) == ("127.0.0.1", a.setup.leg.port)
+    assert f.request.path == "//echo/a?x=1" and f.request.headers[ENDPOINT_HEADER] == "demo"
 
 
-async def test_non_json_body_gets_400(addon) -> None:
+async def test_client_credentials_are_masked_on_the_flow(addon) -> None:
     a, _ = addon
     f = tflow.tflow(live=True)
-    f.request.method = "POST"
-    f.request.content = b"not json"
+    secret = "sk-proj-VERYSECRETKEY9876"
+    f.request.headers["Authorization"] = f"Bearer {secret}"
+    f.request.headers["X-Api-Key"] = secret
+    f.request.headers["Cookie"] = "session=abcdefghijklmnop"
     await a.requestheaders(f)
-    await a.request(f)
-    assert f.response.status_code == 400
-    assert error_of(f)["type"] == "bad_body"
-    assert not a.flights
+    shown = bytes(f.request.headers.fields.__repr__(), "utf-8")
+    assert b"VERYSECRET" not in shown and b"abcdefgh" not in shown
+    assert f.request.headers["authorization"] == "Bearer ...9876"
+    assert f.request.headers["x-api-key"] == "...9876"
 
 
-async def test_unreachable_autoscaler_fails_closed_with_502(addon) -> None:
+@pytest.mark.parametrize("path", ["*", "example.com:443", "http://other.example/x"])
+async def test_targets_that_are_not_paths_get_400_before_any_route(addon, path: str) -> None:
     a, _ = addon
     f = tflow.tflow(live=True)
-    original_url = f.request.url
+    f.request.path = path
     await a.requestheaders(f)
-    await a.request(f)
-    assert f.response.status_code == 502
-    assert error_of(f)["type"] == "autoscaler_unreachable"
-    assert f.request.url == original_url
-    assert f.response.headers["retry-after"]
+    assert f.response.status_code == 400 and error_of(f)["type"] == "bad_request"
 
 
-async def test_unexpected_exception_is_answered_not_forwarded(addon, monkeypatch: pytest.MonkeyPatch) -> None:
-    a, _ = addon
-
-    async def boom(self, cost, check=None):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(Router, "route", boom)
+async def test_too_many_headers_get_431(addon) -> None:
+    a, tctx = addon
+    tctx.configure(a, vespa_max_headers=50)
     f = tflow.tflow(live=True)
+    f.request.headers.fields = tuple((b"x-h%d" % i, b"v") for i in range(51))
     await a.requestheaders(f)
-    await a.request(f)
-    assert f.response.status_code == 500
-    assert error_of(f)["type"] == "internal_error"
-    assert "Traceback" not in f.response.text
+    assert f.response.status_code == 431 and error_of(f)["type"] == "too_many_headers"
+
+
+async def test_the_leg_facts_are_shown_and_never_reach_the_client(addon) -> None:
+    a, _ = addon
+    f = tflow.tflow(live=True, resp=False)
+    original = (f.request.scheme, f.request.host, f.request.port)
+    await a.requestheaders(f)
+    a.request(f)
+    facts = {"endpoint": "demo", "worker": "https://10.0.0.7:4433", "request_idx": 7, "cost": 1.0,
+             "route_ms": 3.2, "polls": 0, "retries": 0}
+    f.response = tflow.tresp()
+    f.response.headers[FACTS_HEADER] = json.dumps(facts)
+    f.response.headers["content-type"] = "text/event-stream"
+    a.responseheaders(f)
+    assert FACTS_HEADER.lower() not in {k.lower() for k in f.response.headers}
+    assert f.response.stream
+    # mitmweb's list shows where the request went; no Vespa header is left on it
+    assert (f.request.scheme, f.request.host, f.request.port) == ("https", "10.0.0.7", 4433)
+    assert ENDPOINT_HEADER not in f.request.headers
+    assert f.metadata["vespa"]["worker"] == "https://10.0.0.7:4433" and f.metadata["vespa"]["streamed"] is True
+    assert "demo @ https://10.0.0.7:4433" in f.comment
+    a.response(f)
+    assert not a.flows and original[0] == "http"
 
 
 async def test_flows_loaded_from_file_are_left_alone(addon) -> None:
     a, _ = addon
     f = tflow.tflow(live=False)
+    url = f.request.url
     await a.requestheaders(f)
-    await a.request(f)
-    assert f.response is None and not a.flights
+    a.request(f)
+    assert f.response is None and not a.flows and f.request.url == url
 
 
 async def test_a_live_flow_the_addon_never_saw_is_answered_not_forwarded(addon) -> None:
@@ -131,22 +169,15 @@ async def test_a_live_flow_the_addon_never_saw_is_answered_not_forwarded(addon) 
     a, _ = addon
     f = tflow.tflow(live=True)
     original_url = f.request.url
-    await a.request(f)
+    a.request(f)
     assert f.response.status_code == 503
     assert error_of(f)["type"] == "not_routed"
     assert f.request.url == original_url and f.response.headers["retry-after"]
 
 
-@pytest.mark.parametrize("body", [
-    b'\xef\xbb\xbf{"a": 1}',  # UTF-8 with a byte-order mark
-    '{"a": 1}'.encode("utf-16"),
-])
-async def test_json_the_worker_cannot_read_gets_400(addon, body: bytes) -> None:
+async def test_a_dead_worker_leg_is_answered_not_forwarded(addon) -> None:
     a, _ = addon
+    a.setup.leg.stop()
     f = tflow.tflow(live=True)
-    f.request.method = "POST"
-    f.request.content = body
     await a.requestheaders(f)
-    await a.request(f)
-    assert f.response.status_code == 400
-    assert error_of(f)["type"] == "bad_body"
+    assert f.response.status_code == 503 and "worker leg exited" in error_of(f)["message"]

@@ -83,10 +83,10 @@ def test_reserved_prefix_only(proxy: Proxy, emulator) -> None:
 
 
 class CountingRouter:
-    """Just what Health uses of a Router."""
+    """Just what Health uses of the addon's setup (health.Target)."""
 
     def __init__(self, url: str = "http://autoscaler.invalid") -> None:
-        self.settings = type("S", (), {"endpoint": "ep", "autoscaler_url": url})()
+        self.endpoint, self.autoscaler_url = "ep", url
         self.calls = 0
 
     async def probe(self, timeout_s: float) -> int:

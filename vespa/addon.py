@@ -1,9 +1,11 @@
 """The mitmproxy addon: every request to the proxy becomes a routed, signed Vast.ai call.
 
-Per flow: `requestheaders` starts the route call (it overlaps the body upload), `request`
-rewrites the flow to the worker with the signed body, `responseheaders` turns on streaming,
-and `response`/`error` put the client's own request back, so mitmweb, `-w` files and replays
-see what the user sent and never the route signature.
+mitmproxy holds the client side (HTTP/1, HTTP/2, TLS, mitmweb, `-w`, replay); the worker side is
+the worker leg (vespa/leg.py), a process of its own with one shared pool of warm connections
+to the workers. Per flow: `requestheaders` checks what can be checked from the head and points
+the flow at the leg, `responseheaders` takes the routing facts the leg sends back, streams the
+answer through and shows the flow as it went (client's request, worker's address), `response`
+and `error` say how it ended. The route signature never exists in this process.
 """
 
 from __future__ import annotations
@@ -12,51 +14,65 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass
+import resource
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
-from mitmproxy import command, connection, ctx, exceptions, http
+import aiohttp
+from mitmproxy import command, ctx, exceptions, http
 
-from vespa import errorpage, health, inspection, limits, wire
-from vespa.errors import (
-    BadBody,
-    NotRouted,
-    ProxyNotConfigured,
-    VespaError,
-    WorkerRejectedSignature,
-    WorkerUnavailable,
-)
+from vespa import errorpage, health, inspection, limits, wire, workerca
+from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
+from vespa.keys import mask
+from vespa.leg import CREDENTIAL_HEADERS, ENDPOINT_HEADER, FACTS_HEADER, EndpointKey, Leg, LegConfig
 from vespa.metrics import Telemetry
-from vespa.routing import Routed, Router, RouterSettings
-from vespa.watchdog import Watchdog
-from vespa.workercheck import WorkerCheck
-from vespa.workerca import WorkerTls, explain_tls
 
 log = logging.getLogger("vespa")
 
-# Headers that describe one hop, or carry the client's credentials: a rented GPU must never
-# see the client's Authorization or cookies.
-DROP_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "proxy-authenticate", "proxy-authorization", "authorization", "cookie",
-    "x-serverless-cost", "content-encoding",
-})
+DEFAULT_AUTOSCALER = "https://run.vast.ai"
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
-OPTIONS = frozenset({
-    "vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s", "vespa_worker_trust_s",
-}) | {
-    name for name, _, _ in limits.OPTIONS
-}
+# Options whose change needs a new worker leg (the leg holds keys, URLs and limits).
+LEG_OPTIONS = frozenset({
+    "vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s",
+    "vespa_console_url", "vespa_worker_ca", "vespa_leg", "vespa_pool_idle_s", "vespa_pool_per_worker",
+    "ssl_insecure", "ssl_verify_upstream_trusted_ca", "termlog_verbosity", "mode",
+}) | {name for name, _, _ in limits.OPTIONS}
 
 
 @dataclass(slots=True)
-class Flight:
-    """What Vespa holds for one request while it is in flight."""
+class Setup:
+    """What the proxy serves, as configured: shown by /_vespa/health and vespa.status."""
 
-    flow: http.HTTPFlow
-    route: asyncio.Task[Routed]
-    original: http.Request | None = None
+    endpoint: str
+    autoscaler_url: str
+    key_source: str
+    key_tail: str  # the key's last 4 characters, masked
+    leg: Leg = field(repr=False)
+    last_route_ms: float | None = None
+
+    async def probe(self, timeout_s: float) -> int:
+        """GET /pubkey/ (no load, no key): is the autoscaler reachable from here."""
+        if not self.leg.alive():
+            raise OSError(f"Vespa's worker leg exited (code {self.leg.exit_code()}); restart the proxy")
+        url = self.autoscaler_url.rstrip("/") + "/pubkey/"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(url) as resp:
+                await resp.read()
+                return resp.status
+
+
+@dataclass(slots=True)
+class Shown:
+    """The client's view of the request, put back on the flow once the leg has it."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str | None
+    flow: http.HTTPFlow = field(repr=False)
     tap: inspection.Tap | None = None
-    watchdog: Watchdog | None = None
 
 
 class Vespa:
@@ -69,30 +85,29 @@ class Vespa:
         self.health = health.Health(self.telemetry)
         # A sub-addon: mitmproxy runs its hooks right after ours, for metrics and the request log.
         self.addons = [self.telemetry]
-        self.router: Router | None = None
-        self.default_cost = 1.0
+        self.setup: Setup | None = None
         self.limits = limits.Limits()
-        self.check: WorkerCheck | None = None
         self.capture_bytes = 0
-        self.flights: dict[str, Flight] = {}
-        self._closing: set[asyncio.Task] = set()
-        self.worker_tls = WorkerTls()
+        self.flows: dict[str, Shown] = {}
+        # This proxy's mark in the Via header of what its leg sends: seeing it come back means
+        # a worker URL that points at the proxy itself, which would loop until file descriptors ran out.
+        self.via = f"1.1 vespa-{secrets.token_hex(6)}"
 
     # --- lifecycle (kept synchronous: mitmproxy's script loader needs it) -----------------------
     def load(self, loader) -> None:
         # JSON instead of mitmproxy's HTML error page; undone in done() (see vespa/errorpage.py).
         errorpage.install()
-        errorpage.register(explain_tls)
+        _raise_open_file_limit()
         limits.add_options(loader)
-        self.worker_tls.add_options(loader)
         loader.add_option(
             "vespa_endpoint", str, "",
             "Name of the Vast.ai Serverless endpoint to call (default: env VAST_ENDPOINT). "
             "The endpoint key is read from env VAST_API_KEY, never from an option.",
         )
         loader.add_option(
-            "vespa_autoscaler_url", str, "https://run.vast.ai",
-            "Base URL of the Vast autoscaler that answers /route/.",
+            "vespa_autoscaler_url", str, "",
+            f"Base URL of the Vast autoscaler that answers /route/ (default: the --mode reverse:URL "
+            f"target, else {DEFAULT_AUTOSCALER}).",
         )
         loader.add_option(
             "vespa_default_cost", str, "1.0",
@@ -103,40 +118,76 @@ class Vespa:
             "Seconds to wait for a worker (cold starts take minutes) before answering 503.",
         )
         loader.add_option(
-            "vespa_worker_trust_s", int, 10,
-            "Seconds a worker that answered is used again without first probing it with a TCP "
-            "connect (the probe lets Vespa route around a dead worker, at one round trip per "
-            "request); 0 probes before every request.",
+            "vespa_capture_kb", int, 1024,
+            "KiB of each response kept for mitmweb and -w files (the answer itself is never cut); 0 keeps nothing.",
         )
         loader.add_option(
-            "vespa_capture_kb", int, 1024,
-            "KiB of each streamed response kept for mitmweb and -w files (the stream itself is "
-            "never cut); 0 keeps nothing.",
+            "vespa_console_url", str, "https://console.vast.ai",
+            "Vast console the worker root CA is downloaded from (/static/jvastai_root.cer), once, then "
+            "cached under $XDG_CACHE_HOME/vespa (default ~/.cache/vespa).",
+        )
+        loader.add_option(
+            "vespa_worker_ca", str, "",
+            "A file with Vast's worker root CA (PEM or DER) to use instead of downloading it.",
+        )
+        loader.add_option(
+            "vespa_pool_idle_s", int, 30,
+            "Seconds an idle pooled connection to a worker is kept open for the next request.",
+        )
+        loader.add_option(
+            "vespa_pool_per_worker", int, 100,
+            "Most connections open to one worker at once (requests beyond it wait for a free one).",
+        )
+        loader.add_option(
+            "vespa_leg", str, "process",
+            "Where the worker leg runs: 'process' (its own process: the second core works too) or "
+            "'thread' (inside the proxy's process).", choices=("process", "thread"),
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
-            # It streams request bodies too: they would leave for the reverse target unsigned.
-            raise exceptions.OptionsError("vespa: stream_large_bodies cannot be used with Vespa; unset it.")
-        if "proxy_debug" in updated and ctx.options.proxy_debug:
-            # Measured on 11.0.2 and 12.3.1: it logs the raw bytes sent to workers. flow_detail
-            # and termlog_verbosity=debug do not (the dumper sees the restored client request).
-            log.warning("vespa: proxy_debug logs every byte sent to workers, route signatures included; "
-                        "keep this log private and turn proxy_debug off again.")
+        opts = ctx.options
         if "termlog_verbosity" in updated:
             # One line per request (vespa.requests) instead of mitmproxy's four connection lines
-            # (client connect, server connect, streaming, disconnect) at info level; they come
-            # back with termlog_verbosity=debug (scripts/run.sh --debug).
-            quiet = ctx.options.termlog_verbosity != "debug"
+            # at info level; they come back with termlog_verbosity=debug (scripts/run.sh --debug).
+            quiet = opts.termlog_verbosity != "debug"
             logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING if quiet else logging.NOTSET)
-        self.worker_tls.configure(updated)
         if "vespa_capture_kb" in updated:
-            if ctx.options.vespa_capture_kb < 0:
+            if opts.vespa_capture_kb < 0:
                 raise exceptions.OptionsError("vespa: vespa_capture_kb must be 0 (keep nothing) or more.")
-            self.capture_bytes = ctx.options.vespa_capture_kb * inspection.KIB
-        if not updated & OPTIONS and self.router is not None:
-            return
-        opts = ctx.options
+            self.capture_bytes = opts.vespa_capture_kb * inspection.KIB
+        if "ssl_insecure" in updated and opts.ssl_insecure:
+            log.warning(
+                "vespa: ssl_insecure is set: worker certificates are NOT verified, so anyone on the path "
+                "to a worker can read and answer your requests. Use it only to debug."
+            )
+        if self.setup is None or updated & LEG_OPTIONS:
+            self._start_leg(opts)
+        # Set last: each update runs configure() again, which must find the leg in place.
+        if _option(opts, "connection_strategy") == "eager":
+            # Eager connects every client connection to the reverse target first: a wasted
+            # connection each, and an unreachable autoscaler would drop every request, health too.
+            ctx.options.update(connection_strategy="lazy")
+        # mitmproxy refuses a larger body itself, before holding it: at once for a declared
+        # Content-Length, as soon as a chunked body passes it (the leg checks decoded sizes).
+        body_limit = f"{self.limits.max_body_kb}k"
+        if "body_size_limit" in opts and opts.body_size_limit != body_limit:
+            ctx.options.update(body_size_limit=body_limit)
+
+    def _start_leg(self, opts) -> None:
+        self.limits = limits.Limits.from_options(opts)
+        config, setup_args = self._leg_config(opts)
+        if self.setup is not None:
+            self.setup.leg.stop()
+            self.setup = None
+        leg = Leg(config, opts.vespa_leg, on_log=_relog())
+        try:
+            leg.start()
+        except (RuntimeError, OSError) as e:
+            raise exceptions.OptionsError(f"vespa: {e}") from None
+        self.setup = Setup(leg=leg, **setup_args)
+        self.telemetry.endpoint = self.setup.endpoint
+
+    def _leg_config(self, opts) -> tuple[LegConfig, dict]:
         endpoint = opts.vespa_endpoint or os.environ.get("VAST_ENDPOINT", "")
         if not endpoint:
             raise exceptions.OptionsError(
@@ -149,195 +200,162 @@ class Vespa:
                 "vespa: no endpoint key. Put it in the environment as VAST_API_KEY (not on the command "
                 "line: ps shows arguments), or start through scripts/run.sh, which fetches it with your account key."
             )
-        if not wire.is_http_url(opts.vespa_autoscaler_url):
-            raise exceptions.OptionsError(f"vespa: vespa_autoscaler_url must be an http(s) URL, got {opts.vespa_autoscaler_url!r}.")
+        autoscaler_url = opts.vespa_autoscaler_url or _reverse_target(_option(opts, "mode")) or DEFAULT_AUTOSCALER
+        for name, url in (("vespa_autoscaler_url", autoscaler_url), ("vespa_console_url", opts.vespa_console_url)):
+            if not wire.is_http_url(url):
+                raise exceptions.OptionsError(f"vespa: {name} must be an http(s) URL, got {url!r}.")
         if opts.vespa_route_deadline_s <= 0:
             raise exceptions.OptionsError("vespa: vespa_route_deadline_s must be a positive number of seconds.")
+        if opts.vespa_pool_idle_s <= 0 or opts.vespa_pool_per_worker <= 0:
+            raise exceptions.OptionsError("vespa: vespa_pool_idle_s and vespa_pool_per_worker must be positive.")
         try:
-            self.default_cost = wire.parse_cost(opts.vespa_default_cost, 1.0)
+            default_cost = wire.parse_cost(opts.vespa_default_cost, 1.0)
         except VespaError as e:
             raise exceptions.OptionsError(f"vespa: vespa_default_cost: {e.message}") from None
-        if opts.vespa_worker_trust_s < 0:
-            raise exceptions.OptionsError("vespa: vespa_worker_trust_s must be 0 (always probe) or more.")
-        self.limits = limits.Limits.from_options(opts)
-        self.check = WorkerCheck(self.limits.connect_timeout_s, _listen_addrs, opts.vespa_worker_trust_s)
-        self._close_router()
-        self.router = Router(RouterSettings(
-            autoscaler_url=opts.vespa_autoscaler_url,
-            endpoint=endpoint,
-            api_key=api_key,
-            key_source=self._key_source or os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY"),
-            deadline_s=opts.vespa_route_deadline_s,
-            call_timeout_s=self.limits.route_timeout_s,
-        ))
-        self.telemetry.endpoint = endpoint
+        worker_ca = None
+        if opts.vespa_worker_ca:
+            worker_ca = os.path.expanduser(opts.vespa_worker_ca)
+            try:
+                workerca.to_pem(Path(worker_ca).read_bytes())
+            except FileNotFoundError:
+                raise exceptions.OptionsError(f"vespa: vespa_worker_ca={opts.vespa_worker_ca!r}: no such file.") from None
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"vespa: vespa_worker_ca={opts.vespa_worker_ca!r}: {e}") from None
+        key_source = self._key_source or os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY")
+        lim = self.limits
+        config = LegConfig(
+            autoscaler_url=autoscaler_url,
+            endpoints=(EndpointKey(endpoint, api_key, key_source),),
+            default_cost=default_cost,
+            route_deadline_s=opts.vespa_route_deadline_s,
+            route_timeout_s=lim.route_timeout_s,
+            connect_timeout_s=lim.connect_timeout_s,
+            first_byte_timeout_s=lim.first_byte_timeout_s,
+            idle_timeout_s=lim.idle_timeout_s,
+            max_body_bytes=lim.max_body_kb * inspection.KIB,
+            console_url=opts.vespa_console_url,
+            worker_ca=worker_ca,
+            trusted_ca=opts.ssl_verify_upstream_trusted_ca or None,
+            insecure=opts.ssl_insecure,
+            pool_per_worker=opts.vespa_pool_per_worker,
+            pool_idle_s=opts.vespa_pool_idle_s,
+            log_level=logging.DEBUG if _option(opts, "termlog_verbosity") == "debug" else logging.INFO,
+            via=self.via,
+        )
+        return config, {"endpoint": endpoint, "autoscaler_url": autoscaler_url,
+                        "key_source": key_source, "key_tail": mask(api_key)}
 
     def done(self) -> None:
         errorpage.uninstall()
         self.health.close()
-        self._close_router()
-        # mitmproxy's save addon writes the flows still in flight after this: with the client's
-        # request, never the signed one.
-        for flight in list(self.flights.values()):
-            self._end(flight.flow)
-
-    def _close_router(self) -> None:
-        if self.router is None:
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(self.router.close())
-            # Held until done: the loop keeps only a weak reference to its tasks.
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-        except RuntimeError:
-            pass  # no loop left: the process is exiting and the sockets go with it
-        self.router = None
+        if self.setup is not None:
+            self.setup.leg.stop()
+            self.setup = None
+        # mitmproxy's save addon writes the flows still in flight after this: as the client sent them.
+        for shown in list(self.flows.values()):
+            _show(shown.flow, shown, None)
+        self.flows.clear()
 
     # --- flow hooks ---------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.live or flow.response:
             return
-        if health.is_reserved(flow.request.path):
-            return await self.health.answer(flow, self.router)
+        request = flow.request
+        if health.is_reserved(request.path):
+            return await self.health.answer(flow, self.setup)
         inspection.start(flow)
+        _mask_credentials(request.headers)
         try:
-            if self.router is None:
-                raise ProxyNotConfigured("Vespa is not configured", hint="See the proxy's start-up log.")
-            cost = wire.parse_cost(flow.request.headers.get("x-serverless-cost"), self.default_cost)
-            self.limits.check_declared_size(flow.request)
+            self._check_head(request)
         except VespaError as e:
             return self._answer(flow, e)
-        # Started now so the route call overlaps the upload of the body.
-        self.flights[flow.id] = Flight(flow, asyncio.ensure_future(self.router.route(cost, self.check)))
+        self.flows[flow.id] = Shown(request.scheme, request.host, request.port, request.host_header, flow)
+        # To the worker leg: it routes, signs and forwards. Only the address changes; the path
+        # goes on exactly as the client sent it.
+        assert self.setup is not None
+        request.scheme, request.host, request.port = "http", "127.0.0.1", self.setup.leg.port
+        request.headers[ENDPOINT_HEADER] = self.setup.endpoint
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.live or flow.response:
+    def _check_head(self, request: http.Request) -> None:
+        if self.setup is None:
+            raise ProxyNotConfigured("Vespa is not configured", hint="See the proxy's start-up log.")
+        if not self.setup.leg.alive():
+            raise ProxyNotConfigured(
+                f"Vespa's worker leg exited (code {self.setup.leg.exit_code()}); nothing was sent",
+                hint="See the proxy log for why, and restart the proxy.",
+            )
+        if self.via in request.headers.get("via", ""):
+            raise LoopDetected("the request came back to this proxy from its own worker leg: the worker URL "
+                               "the autoscaler gave points at the proxy itself")
+        if not request.path.startswith("/"):
+            # `GET * HTTP/1.1` (OPTIONS *), authority or absolute forms: not a path on the endpoint.
+            raise BadRequest(
+                f"the request target {request.path[:60]!r} is not a path",
+                hint="Send origin-form requests (GET /v1/models), as HTTP clients do for a base URL.",
+            )
+        if len(request.headers.fields) > self.limits.max_headers:
+            raise TooManyHeaders(
+                f"the request has {len(request.headers.fields)} header fields, over the limit of {self.limits.max_headers}"
+            )
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not flow.live or flow.response or health.is_reserved(flow.request.path):
             return
-        flight = self.flights.get(flow.id)
-        if flight is None:
+        if flow.id not in self.flows:
             # Its headers went through another instance of this addon (mitmproxy reloaded the
-            # script): fail closed rather than let it reach the reverse target unsigned.
-            return self._answer(flow, NotRouted("the request was not routed: Vespa was reloaded while it arrived"))
-        try:
-            payload = _json_payload(flow.request)
-            self.limits.check_size(payload)
-            try:
-                routed = await flight.route
-            except asyncio.CancelledError:
-                if not flight.route.cancelled() or asyncio.current_task().cancelling():
-                    raise
-                # client_disconnected() stopped the route call: nobody is waiting for an answer.
-                self._end(flow)
-                flow.kill()
-                return
-            await self.worker_tls.prepare(routed.ready.url)  # HTTPS workers: verified with Vast's CA
-            flight.original = flow.request.copy()
-            _rewrite(flow.request, routed.ready, payload)
-        except VespaError as e:
-            self._end(flow)
-            return self._answer(flow, e)
-        except Exception as e:  # fail closed: never let the flow reach the reverse target unsigned
-            log.exception("vespa: internal error")
-            self._end(flow)
-            return self._answer(flow, VespaError(f"internal error in Vespa: {type(e).__name__}", hint="See the proxy log."))
-        ready = routed.ready
-        flow.metadata["vespa"] = {
-            "sent": inspection.sent(flight.original),
-            "endpoint": ready.auth_data.get("endpoint"),
-            "worker": ready.url,
-            "request_idx": ready.request_idx,
-            "cost": ready.auth_data.get("cost"),
-            "route_ms": round(routed.route_ms, 1),
-            "polls": routed.polls,
-            "retries": routed.retries,
-        }
-        flow.comment = inspection.comment(flow.metadata["vespa"])
-        flight.watchdog = Watchdog(
-            flow, self.limits.connect_timeout_s, self.limits.first_byte_timeout_s, self.limits.idle_timeout_s
-        )
-        flight.watchdog.start()
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        # mitmproxy tells the flow only once its request hook returns; a cold endpoint could keep
-        # the route call polling (and then take a worker) for minutes for a client long gone.
-        for flight in self.flights.values():
-            if flight.flow.client_conn.id == client.id and not flight.route.done():
-                flight.route.cancel()
+            # script): fail closed rather than let it reach the reverse target.
+            self._answer(flow, NotRouted("the request was not routed: Vespa was reloaded while it arrived"))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        flight = self.flights.get(flow.id)
-        if flight is None or not flow.live:
+        shown = self.flows.get(flow.id)
+        if shown is None or not flow.live or flow.response is None:
             return
-        worker = flow.metadata.get("vespa", {}).get("worker")
-        if self.check is not None and worker:
-            self.check.trust(worker)
         headers = flow.response.headers
-        if _is_stream(headers):
-            if self.capture_bytes:
-                flight.tap = inspection.Tap(self.capture_bytes)
-            flow.response.stream = flight.tap or True
-            if headers.get("content-type", "").startswith("text/event-stream"):
-                headers["cache-control"] = "no-cache"
-                headers["x-accel-buffering"] = "no"
-            if flight.watchdog is not None:  # idle gaps are timed chunk by chunk from now on
-                flow.response.stream = flight.watchdog.streaming(flow.response.stream)
-        elif flight.watchdog is not None:
-            flight.watchdog.stop()
-        # The signed request has been sent, and mitmproxy's http layer reads flow.request after
-        # this hook only for a log line and a websocket check (11.0.2 and 12.3.1): showing the
-        # client's request now keeps the signature out of mitmweb and of saves taken mid-stream.
-        if flight.original is not None:
-            flow.request = flight.original
+        facts = _pop_facts(headers)
+        streamed = _is_stream(headers)
+        if self.capture_bytes:
+            shown.tap = inspection.Tap(self.capture_bytes)
+        # Everything is streamed through: the leg already holds nothing back, and mitmproxy's
+        # body_size_limit must not apply to answers (only the client's request is limited).
+        flow.response.stream = shown.tap or True
+        if streamed and headers.get("content-type", "").startswith("text/event-stream"):
+            headers["cache-control"] = "no-cache"
+            headers["x-accel-buffering"] = "no"
+        facts["streamed"] = streamed
+        facts["sent"] = inspection.sent(flow.request)
+        flow.metadata["vespa"] = facts
+        if self.setup is not None and "route_ms" in facts:
+            self.setup.last_route_ms = facts["route_ms"]
+        flow.comment = inspection.comment(facts)
+        # mitmproxy reads flow.request after this hook only for a log line and a websocket check
+        # (11.0.2 and 12.3.1): from here on the flow shows where the request went.
+        _show(flow, shown, facts.get("worker"))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        flight = self.flights.get(flow.id)
-        if flight is None:
+        shown = self.flows.pop(flow.id, None)
+        if shown is None:
             return
-        if flow.response.status_code == 401 and not flow.response.stream:
-            self._answer(flow, WorkerRejectedSignature(
-                f"the worker {flow.metadata.get('vespa', {}).get('worker')} rejected the routing signature (401)"
-            ))
-        elif flow.response.status_code == 429 and not flow.response.stream:
-            # Queue full: rejected before any work. Not resent here: see docs/RELIABILITY.md.
-            self._answer(flow, WorkerUnavailable(
-                f"the worker {flow.metadata.get('vespa', {}).get('worker')} is full (429); "
-                "the request was not processed and may be retried"
-            ))
-        else:
-            inspection.finish(flow, flight.tap)
-        self._end(flow)
+        failure = None
+        if flow.response is not None and "x-vespa-error" in flow.response.headers:
+            failure = _failure(flow, shown.tap)
+            log.warning("vespa: %s %s -> %s", flow.request.method, _path(flow), failure)
+        inspection.finish(flow, shown.tap, failure)
+        _show(flow, shown, flow.metadata.get("vespa", {}).get("worker"))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        flight = self.flights.get(flow.id)
-        if flight is None:
+        shown = self.flows.pop(flow.id, None)
+        if shown is None:
             return
-        if flow.response is None and self.check is not None and "vespa" in flow.metadata:
-            self.check.distrust(flow.metadata["vespa"]["worker"])  # probed again before its next use
-        self._end(flow)
-        inspection.fail(flow, flight.tap)
-        if flow.error:
-            self.worker_tls.failed(flow.error.msg)  # a rotated CA is fetched again
+        inspection.fail(flow, shown.tap)
+        _show(flow, shown, flow.metadata.get("vespa", {}).get("worker"))
 
     # --- commands (mitmweb's command bar, POST /commands/vespa.status) -----------------------------
     @command.command("vespa.status")
     def status(self) -> str:
-        """Endpoint, key source (last 4 only), last autoscaler round trip, requests in flight."""
-        return inspection.status(self.router, len(self.flights))
+        """Endpoint, key source (last 4 only), last route time, requests in flight."""
+        return inspection.status(self.setup, self.telemetry.in_flight)
 
     # --- helpers -----------------------------------------------------------------------------------
-    def _end(self, flow: http.HTTPFlow) -> None:
-        """Forget the flight and show the client's own request again (no signature kept)."""
-        flight = self.flights.pop(flow.id, None)
-        if flight is None:
-            return
-        if flight.route.done() and not flight.route.cancelled():
-            flight.route.exception()  # retrieved: asyncio would log an unanswered failure as an error
-        flight.route.cancel()
-        if flight.watchdog is not None:
-            flight.watchdog.stop()
-        if flight.original is not None:
-            flow.request = flight.original
-
     @staticmethod
     def _answer(flow: http.HTTPFlow, err: VespaError) -> None:
         flow.response = http.Response.make(err.status, err.body(), err.headers())
@@ -345,43 +363,64 @@ class Vespa:
         log.warning("vespa: %s %s -> %d %s: %s", flow.request.method, _path(flow), err.status, err.type, err.message)
 
 
-def _json_payload(request: http.Request) -> bytes:
-    """The client's body, checked to be JSON where the worker expects a JSON payload."""
-    if request.method not in wire.BODY_METHODS:
-        return b""
+def _show(flow: http.HTTPFlow, shown: Shown, worker: str | None) -> None:
+    """Point the flow at the worker it went to (or back where the client sent it): mitmweb's
+    list then says where each request went, and a replay starts from the client's request."""
+    request = flow.request
+    request.headers.pop(ENDPOINT_HEADER, None)
+    if worker and wire.is_http_url(worker):
+        parts = urlsplit(worker)
+        request.scheme, request.host = parts.scheme, parts.hostname or ""
+        request.port = parts.port or (443 if parts.scheme == "https" else 80)
+    else:
+        request.scheme, request.host, request.port = shown.scheme, shown.host, shown.port
+    if shown.host_header is not None:
+        request.host_header = shown.host_header
+
+
+def _pop_facts(headers: http.Headers) -> dict:
+    raw = headers.pop(FACTS_HEADER, None)
+    if not raw:
+        return {}
     try:
-        payload = request.content or b""
-    except ValueError as e:  # undecodable Content-Encoding
-        raise BadBody(f"cannot decode the request body: {e}") from None
-    if payload.strip():
-        try:
-            # Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and a BOM, which the
-            # worker cannot read once the payload is spliced into its UTF-8 body.
-            json.loads(payload.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
-    return payload
+        facts = json.loads(raw)
+    except ValueError:
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def _mask_credentials(headers: http.Headers) -> None:
+    # One pass over the fields: a request with thousands of headers stays linear.
+    fields = headers.fields
+    if any(name.lower() in _CREDENTIAL_BYTES for name, _ in fields):
+        headers.fields = tuple(
+            (name, _masked(value) if name.lower() in _CREDENTIAL_BYTES else value) for name, value in fields
+        )
+
+
+_CREDENTIAL_BYTES = frozenset(h.encode() for h in CREDENTIAL_HEADERS)
+
+
+def _masked(value: bytes) -> bytes:
+    scheme, _, secret = value.partition(b" ")
+    if secret and scheme.isalpha() and len(scheme) < 16:  # "Bearer sk-...": keep the scheme readable
+        return scheme + b" " + mask(secret.decode("latin-1")).encode()
+    return mask(value.decode("latin-1")).encode()
+
+
+def _failure(flow: http.HTTPFlow, tap: inspection.Tap | None) -> str:
+    """`503 worker_unavailable: <message>` from the leg's JSON error answer."""
+    assert flow.response is not None
+    text = f"{flow.response.status_code} {flow.response.headers['x-vespa-error']}"
+    try:
+        return f"{text}: {json.loads(bytes(tap.buf))['error']['message']}" if tap is not None else text
+    except (ValueError, KeyError, TypeError):
+        return text
 
 
 def _path(flow: http.HTTPFlow) -> str:
     """The path for logs, without the query: clients put tokens there."""
     return flow.request.path.partition("?")[0]
-
-
-def _rewrite(request: http.Request, ready: wire.RouteReady, payload: bytes) -> None:
-    connection_tokens = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
-    for name in list(request.headers.keys()):
-        lname = name.lower()
-        if lname in DROP_HEADERS or lname in connection_tokens:
-            del request.headers[name]
-    # The URL setter also points Host at the worker.
-    request.url = ready.url + request.path
-    if request.method in wire.BODY_METHODS:
-        request.headers["content-type"] = "application/json"
-        request.content = wire.worker_body(ready.auth_data, payload)
-    else:
-        query = [(k, v) for k, v in request.query.items(multi=True) if not k.startswith(wire.QUERY_PREFIX)]
-        request.query = query + wire.auth_query(ready.auth_data)
 
 
 def _is_stream(headers: http.Headers) -> bool:
@@ -391,7 +430,44 @@ def _is_stream(headers: http.Headers) -> bool:
     return "chunked" in headers.get("transfer-encoding", "").lower() and "content-length" not in headers
 
 
-def _listen_addrs() -> list[tuple]:
-    """The proxy's own listening addresses, so a worker URL pointing back at it is refused."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    return proxyserver.listen_addrs() if proxyserver is not None else []
+def _option(opts, name: str):
+    """An option another addon declares (absent in tests that load Vespa alone)."""
+    return getattr(opts, name) if name in opts else None
+
+
+def _reverse_target(modes) -> str | None:
+    """The URL of the first `--mode reverse:URL`: one URL is enough to name the autoscaler."""
+    for spec in modes or ():
+        if spec.startswith("reverse:"):
+            url = spec.removeprefix("reverse:").split("@", 1)[0]
+            return url if wire.is_http_url(url) else None
+    return None
+
+
+def _relog():
+    """Log the leg's records through mitmproxy's loop (its log handlers are not thread-safe)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
+    def emit(level: int, name: str, msg: str) -> None:
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(logging.getLogger(name).log, level, "%s", msg)
+        else:
+            logging.getLogger(name).log(level, "%s", msg)
+
+    return emit
+
+
+def _raise_open_file_limit() -> None:
+    """Each request holds a client socket and one to the worker leg: a default soft limit of
+    1024 would fail requests at about 500 at once, though the hard limit allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("vespa: raised the open-file limit from %d to %d", soft, target)
+        except (ValueError, OSError) as e:
+            log.debug("vespa: could not raise the open-file limit from %d: %s", soft, e)

@@ -271,13 +271,8 @@ class VastClient:
             while proxyserver.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         finally:
-            # The addon's sync done() can only schedule the router's close() as a task; close it
-            # here instead, awaited, so no session outlives stop().
-            router, addon.router = addon.router, None
             master.shutdown()
-            await task
-            if router is not None:
-                await router.close()
+            await task  # the addon's done() stops its worker leg
 
     async def __aenter__(self) -> VastClient:
         await self.start()

@@ -1,35 +1,28 @@
 """Vespa's JSON error reply in place of mitmproxy's own HTML error page.
 
-When the worker cannot be reached, breaks, or a limit trips, mitmproxy's http layer runs the
-`error` hook and then answers the client itself with a small HTML page (`make_error_response` for
-HTTP/1, an inline HEADERS+DATA in `Http2Connection._handle_event` for HTTP/2). No documented hook
-can change that reply: assigning `flow.response` in `error()` is ignored (11.0.2 and 12.3.1).
+The worker leg (vespa/leg.py) answers every failure past the proxy with Vespa's JSON itself.
+What is left for mitmproxy to answer: a body over `body_size_limit` (413), a request head it
+cannot parse, and the worker leg unreachable. For those it runs the `error` hook and then
+answers the client with a small HTML page (`make_error_response` for HTTP/1, an inline
+HEADERS+DATA in `Http2Connection._handle_event` for HTTP/2); no documented hook can change that
+reply (assigning `flow.response` in `error()` is ignored, 11.0.2 and 12.3.1).
 
 So this module installs one narrow patch, at the one place every stream's error reaches the
 client's connection layer: `HttpLayer.event_to_child` (identical in 11.0.2 and 12.3.1). When it
-carries a `ResponseProtocolError` for the client:
-- before any response header went out, it sends a normal response instead (headers, JSON body,
-  end of message) through the same connection layer, so HTTP/1, HTTP/2 and HTTP/3 frame it
-  themselves; then it passes the error on re-coded as "no reply", so the connection is closed
-  (HTTP/1) or the stream reset if still open (HTTP/2) exactly as before, minus the HTML;
-- after the headers went out (a broken stream), it first sends an SSE `event: error` when the
-  response is `text/event-stream`, then lets the error end the connection without a clean
-  terminator (no final zero-length chunk; an RST_STREAM on HTTP/2), so no client mistakes a
-  truncated answer for a complete one.
+carries a `ResponseProtocolError` for the client before any response header went out, it sends
+a normal response instead (headers, JSON body, end of message) through the same connection
+layer, so HTTP/1, HTTP/2 and HTTP/3 frame it themselves; then it passes the error on re-coded
+as "no reply", so the connection is closed (HTTP/1) or the stream reset if still open (HTTP/2)
+exactly as before, minus the HTML. After the headers went out nothing is added: the cut stream
+(no final chunk, or RST_STREAM) tells the client the answer is incomplete.
 Malformed HTTP/1 request heads never reach a stream; `_http1.make_error_response` is swapped for
 the JSON version too. `install()` runs in the addon's `load`, `uninstall()` in `done`.
-
-`explain(message, status)` maps mitmproxy's error text to a VespaError; other modules (TLS) add
-their own mapping with `register()`, and the addon can name the cause of a failure it provokes
-itself (a timeout that aborts the worker connection) with `note()`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import weakref
-from typing import Callable, Iterator
+from typing import Iterator
 
 from mitmproxy import http
 from mitmproxy.net.http.http1 import assemble_response
@@ -43,14 +36,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
 )
 
-from vespa.errors import (
-    BadRequest,
-    BodyTooLarge,
-    VespaError,
-    WorkerBroke,
-    WorkerResponseTooLarge,
-    WorkerUnavailable,
-)
+from vespa.errors import BadRequest, BodyTooLarge, LegUnreachable, VespaError, WorkerBroke
 
 log = logging.getLogger("vespa.errorpage")
 
@@ -71,10 +57,8 @@ except ImportError:  # mitmproxy 11: the code is the HTTP status itself, 444 mea
         return None if event.code == NO_REPLY else event.code
 
 
-Explainer = Callable[[str, int], "VespaError | None"]
-
-# Texts of failures where the request never left the proxy (GetHttpConnection's error:
-# the connect or the TLS handshake to the worker failed), measured on 11.0.2 and 12.3.1.
+# Texts of failures where the request never left the proxy (the connect to the worker leg
+# failed), measured on 11.0.2 and 12.3.1.
 NOT_SENT = (
     "connect call failed",
     "connection refused",
@@ -86,43 +70,26 @@ NOT_SENT = (
     "network is unreachable",
     "no route to host",
     "multiple exceptions",
+    "too many open files",
 )
 
-_explainers: list[Explainer] = []
-_causes: weakref.WeakKeyDictionary[http.HTTPFlow, VespaError] = weakref.WeakKeyDictionary()
 _installed = 0
 _original_event_to_child = http_layer.HttpLayer.event_to_child
 _original_make_error_response = _http1.make_error_response
 
 
-def register(explainer: Explainer) -> None:
-    """Add a mapping tried before the built-in one (first registered, first asked)."""
-    if explainer not in _explainers:
-        _explainers.append(explainer)
-
-
-def note(flow: http.HTTPFlow, err: VespaError) -> None:
-    """The cause of the failure about to happen on `flow` (the addon aborts a connection)."""
-    _causes[flow] = err
-
-
 def explain(message: str, status: int = 502) -> VespaError:
     """The VespaError for mitmproxy's error text (`flow.error.msg`) and the status it would send."""
-    for explainer in _explainers:
-        if (err := explainer(message, status)) is not None:
-            return err
     low = message.lower()
     if status == 413 or "body exceeds" in low:
-        if low.startswith("response"):
-            return WorkerResponseTooLarge(f"the worker's answer is larger than the proxy allows ({message})")
-        return BodyTooLarge(f"the request body is larger than the proxy allows ({message})")
+        return BodyTooLarge("the request body is over the proxy's limit (vespa_max_body_kb); it was not read")
     if 400 <= status < 500:
         return BadRequest(f"the proxy could not read the request: {message}")
     if any(text in low for text in NOT_SENT):
-        return WorkerUnavailable(
-            f"could not connect to the worker ({message}); the request was not processed and may be retried"
+        return LegUnreachable(
+            f"could not reach Vespa's worker leg ({message}); the request was not processed and may be retried"
         )
-    return WorkerBroke(f"the connection to the worker failed ({message})")
+    return WorkerBroke(f"the connection to Vespa's worker leg failed ({message})")
 
 
 def install() -> None:
@@ -139,10 +106,6 @@ def uninstall() -> None:
     if _installed == 0:
         http_layer.HttpLayer.event_to_child = _original_event_to_child
         _http1.make_error_response = _original_make_error_response
-
-
-def sse_error_event(err: VespaError) -> bytes:
-    return b"event: error\ndata: " + json.dumps(err.to_json()).encode() + b"\n\n"
 
 
 # --- the patch -------------------------------------------------------------------------------------
@@ -163,10 +126,9 @@ def _reply(
     send = _original_event_to_child
     flow = stream.flow
     status = _status(event)
-    cause = _causes.pop(flow, None)
     headers_sent = stream.server_state == stream.state_stream_response_body
     if not headers_sent and status is not None:
-        err = cause or explain(event.message, status)
+        err = explain(event.message, status)
         response = http.Response.make(err.status, err.body(), err.headers())
         if not (flow.request.is_http2 or flow.request.is_http3):
             response.headers["connection"] = "close"  # the error path closes it below anyway
@@ -176,18 +138,7 @@ def _reply(
         yield from send(layer_, child, ResponseData(event.stream_id, response.raw_content or b""))
         yield from send(layer_, child, ResponseEndOfMessage(event.stream_id))
         event = ResponseProtocolError(event.stream_id, event.message, NO_REPLY)
-    elif headers_sent and (status is not None or cause is not None) and _is_sse(flow):
-        err = cause or WorkerBroke(
-            f"the worker's stream broke before its end ({event.message}); the answer is incomplete",
-            hint="Do not use the partial answer as if it were complete; send the request again.",
-        )
-        _log(flow, err)
-        yield from send(layer_, child, ResponseData(event.stream_id, sse_error_event(err)))
     yield from send(layer_, child, event)
-
-
-def _is_sse(flow: http.HTTPFlow) -> bool:
-    return flow.response is not None and flow.response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 def _log(flow: http.HTTPFlow, err: VespaError) -> None:

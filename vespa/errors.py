@@ -51,6 +51,11 @@ class BodyTooLarge(VespaError):
     default_hint = "Raise the limit with --set vespa_max_body_kb=N if the request is meant to be this big."
 
 
+class TooManyHeaders(VespaError):
+    status, type = 431, "too_many_headers"
+    default_hint = "Send fewer header fields, or raise the limit with --set vespa_max_headers=N."
+
+
 class ProxyNotConfigured(VespaError):
     status, type = 503, "not_configured"
 
@@ -98,6 +103,14 @@ class NoWorkerInTime(VespaError):
 
 
 # --- the worker -------------------------------------------------------------------------------
+class LoopDetected(VespaError):
+    status, type = 508, "loop_detected"
+    default_hint = (
+        "The autoscaler named a worker at this proxy's own address; nothing was sent to a worker. "
+        "Check --autoscaler-url: it must be Vast's autoscaler (or the emulator), not this proxy."
+    )
+
+
 class WorkerRejectedSignature(VespaError):
     status, type = 502, "worker_rejected_signature"
     default_hint = (
@@ -148,9 +161,11 @@ class WorkerBroke(VespaError):
     )
 
 
-class WorkerResponseTooLarge(VespaError):
-    status, type = 502, "worker_response_too_large"
-    default_hint = "Raise mitmproxy's body_size_limit, or stream the answer (stream: true)."
+class LegUnreachable(WorkerUnavailable):
+    """mitmproxy could not connect to the worker leg: nothing was sent anywhere."""
+
+    status, type = 503, "worker_leg_unreachable"
+    default_hint = "The request was not processed and may be retried; if it persists, the proxy log says why."
 
 
 class RouteTimeout(VespaError):

@@ -11,16 +11,12 @@ import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 from mitmproxy import http
 
 from vespa.errors import VespaError
-
-if TYPE_CHECKING:
-    from vespa.metrics import Telemetry
-    from vespa.routing import Router
 
 PREFIX = "/_vespa/"
 # A health checker may poll every second; the autoscaler sees at most one probe per TTL.
@@ -37,6 +33,24 @@ class UnknownStatusPage(VespaError):
     default_hint = f"{PREFIX} is reserved for the proxy: it serves {PREFIX}health and {PREFIX}metrics (GET)."
 
 
+class Counts(Protocol):
+    """What health needs of the metrics (vespa.metrics.Telemetry), without importing them."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def render(self) -> tuple[bytes, str]: ...
+
+
+class Target(Protocol):
+    """What the proxy is set up to call (vespa.addon.Setup)."""
+
+    endpoint: str
+    autoscaler_url: str
+
+    async def probe(self, timeout_s: float) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """One GET {autoscaler}/pubkey/."""
@@ -48,22 +62,22 @@ class Probe:
 
 
 class Health:
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Counts) -> None:
         self.telemetry = telemetry
         self._probe: Probe | None = None
         self._probing: asyncio.Task[Probe] | None = None
-        self._router: Router | None = None
+        self._target: Target | None = None
 
     def close(self) -> None:
         if self._probing is not None:
             self._probing.cancel()
             self._probing = None
 
-    async def answer(self, flow: http.HTTPFlow, router: Router | None) -> None:
+    async def answer(self, flow: http.HTTPFlow, target: Target | None) -> None:
         """Answer a request under the reserved prefix; nothing reaches the autoscaler or a worker."""
         path = flow.request.path.split("?", 1)[0]
         if flow.request.method in ("GET", "HEAD") and path == PREFIX + "health":
-            status, report = await self.report(router)
+            status, report = await self.report(target)
             flow.response = http.Response.make(
                 status, json.dumps(report, indent=2) + "\n",
                 {"Content-Type": "application/json", "Cache-Control": "no-store"},
@@ -75,42 +89,42 @@ class Health:
             err = UnknownStatusPage(f"no such proxy page: {flow.request.method} {path}")
             flow.response = http.Response.make(err.status, err.body(), err.headers())
 
-    async def report(self, router: Router | None) -> tuple[int, dict]:
+    async def report(self, target: Target | None) -> tuple[int, dict]:
         report: dict = {"status": "ok", "endpoint": None, "autoscaler": None, "in_flight": self.telemetry.in_flight}
-        if router is None:
+        if target is None:
             return 503, {**report, "status": "unavailable", "reason": "Vespa is not configured (see the proxy's start-up log)"}
-        report["endpoint"] = router.settings.endpoint
-        probe = await self._fresh_probe(router)
+        report["endpoint"] = target.endpoint
+        probe = await self._fresh_probe(target)
         report["autoscaler"] = {
-            "url": router.settings.autoscaler_url,
+            "url": target.autoscaler_url,
             **{k: v for k, v in asdict(probe).items() if k != "at"},
             "checked_s_ago": round(time.monotonic() - probe.at, 1),
         }
         if not probe.reachable:
-            reason = f"cannot reach the autoscaler at {router.settings.autoscaler_url}: {probe.error}"
+            reason = f"cannot reach the autoscaler at {target.autoscaler_url}: {probe.error}"
             return 503, {**report, "status": "unavailable", "reason": reason}
         return 200, report
 
-    async def _fresh_probe(self, router: Router) -> Probe:
-        if router is not self._router:  # reconfigured: the old answer was about another autoscaler
+    async def _fresh_probe(self, target: Target) -> Probe:
+        if target is not self._target:  # reconfigured: the old answer was about another autoscaler
             self.close()
-            self._router, self._probe = router, None
+            self._target, self._probe = target, None
         if self._probe is not None and time.monotonic() - self._probe.at < PROBE_TTL_S:
             return self._probe
         # One probe at a time: a burst of health checks shares it.
         if self._probing is None or self._probing.done():
-            self._probing = asyncio.ensure_future(self._run_probe(router))
+            self._probing = asyncio.ensure_future(self._run_probe(target))
         probe = await asyncio.shield(self._probing)
-        if router is self._router:
+        if target is self._target:
             self._probe = probe
         return probe
 
     @staticmethod
-    async def _run_probe(router: Router) -> Probe:
+    async def _run_probe(target: Target) -> Probe:
         start = time.monotonic()
         try:
-            status = await router.probe(PROBE_TIMEOUT_S)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            status = await target.probe(PROBE_TIMEOUT_S)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # OSError: the worker leg is gone
             return Probe(False, None, f"{type(e).__name__} {e}".strip(), time.monotonic())
         latency_ms = round((time.monotonic() - start) * 1000, 1)
         if status >= 500:

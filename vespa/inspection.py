@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
-from vespa.keys import mask
 
 if TYPE_CHECKING:
-    from vespa.routing import Router
+    from vespa.addon import Setup
 
 KIB = 1024
 
@@ -54,15 +53,19 @@ def start(flow: http.HTTPFlow) -> None:
         flow.marked = ""
 
 
-def finish(flow: http.HTTPFlow, tap: Tap | None) -> None:
-    """The worker's response is complete: keep the streamed copy, say how it ended."""
+def finish(flow: http.HTTPFlow, tap: Tap | None, failure: str | None = None) -> None:
+    """The response is complete: keep the streamed copy, say how it ended (`failure`: Vespa's
+    own error answer, `503 worker_unavailable: ...`)."""
     assert flow.response is not None
     if tap is not None:
         # raw_content, not content: the bytes as they came (maybe still gzip), no re-encoding,
         # and mitmproxy does not send them again (the stream already went out).
         flow.response.raw_content = bytes(tap.buf)
     status = flow.response.status_code
-    note(flow, _outcome(status, flow.response.stream, tap), failed=status >= 400)
+    if failure is not None:
+        return note(flow, failure, failed=True)
+    streamed = bool(flow.metadata.get("vespa", {}).get("streamed"))
+    note(flow, _outcome(status, streamed, tap), failed=status >= 400)
 
 
 def fail(flow: http.HTTPFlow, tap: Tap | None) -> None:
@@ -91,15 +94,15 @@ def sent(request: http.Request) -> dict[str, Any]:
     return {"method": request.method, "path": path, "bytes": None if body is None else len(body)}
 
 
-def _outcome(status: int, stream: object, tap: Tap | None) -> str:
-    if tap is not None:
-        text = f"{status} streamed {_size(tap.seen)}"
-        if tap.truncated:
-            text += f", kept the first {_size(len(tap.buf))} (vespa_capture_kb)"
-        return text
-    if stream:
-        return f"{status} streamed, not kept (vespa_capture_kb=0)"
-    return str(status)
+def _outcome(status: int, streamed: bool, tap: Tap | None) -> str:
+    """`200 streamed 1.2 KiB`, `200 353 B`: "streamed" only for answers the worker streamed."""
+    kind = "streamed " if streamed else ""
+    if tap is None:
+        return f"{status} {kind}(not kept: vespa_capture_kb=0)"
+    text = f"{status} {kind}{_size(tap.seen)}"
+    if tap.truncated:
+        text += f", kept the first {_size(len(tap.buf))} (vespa_capture_kb)"
+    return text
 
 
 def comment(facts: dict[str, Any]) -> str:
@@ -126,17 +129,15 @@ def _size(n: int) -> str:
     return f"{n / KIB / KIB:.1f} MiB"
 
 
-def status(router: Router | None, in_flight: int) -> str:
+def status(setup: Setup | None, in_flight: int) -> str:
     """One line of JSON for `vespa.status`: readable in mitmweb's command bar, parseable from
     its REST API. The key shows only its source and last 4 characters."""
-    if router is None:
+    if setup is None:
         return json.dumps({"configured": False, "in_flight": in_flight})
-    s = router.settings
-    last = router.last_call_ms
     return json.dumps({
-        "endpoint": s.endpoint,
-        "autoscaler": s.autoscaler_url,
-        "key": f"{s.key_source}, ending {mask(s.api_key)}",
-        "last_route_call_ms": None if last is None else round(last, 1),
+        "endpoint": setup.endpoint,
+        "autoscaler": setup.autoscaler_url,
+        "key": f"{setup.key_source}, ending {setup.key_tail}",
+        "last_route_ms": setup.last_route_ms,
         "in_flight": in_flight,
     })

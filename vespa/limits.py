@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mitmproxy import exceptions, http
-
-from vespa.errors import BodyTooLarge
+from mitmproxy import exceptions
 
 KIB = 1024
 # (name, default, help). Defaults: cold starts are handled by vespa_route_deadline_s, so each
@@ -19,7 +17,10 @@ OPTIONS: tuple[tuple[str, int, str], ...] = (
     ("vespa_connect_timeout_s", 10, "Seconds to connect to a worker before routing again; error worker_connect_timeout."),
     ("vespa_first_byte_timeout_s", 300, "Seconds from sending the request to the worker's first response byte; error worker_first_byte_timeout."),
     ("vespa_idle_timeout_s", 120, "Longest silence inside a streamed answer before it is cut; error worker_idle_timeout."),
-    ("vespa_max_body_kb", 10240, "Largest request body in KiB; bigger ones get 413 body_too_large."),
+    ("vespa_max_body_kb", 10240, "Largest request body in KiB, compressed or decoded; bigger ones get 413 body_too_large "
+     "(it sets mitmproxy's body_size_limit, so a declared or chunked body over it is refused before it is held)."),
+    ("vespa_max_headers", 256, "Most header fields in one request; more get 431 too_many_headers."),
+    ("vespa_header_timeout_s", 30, "Seconds a client connection may take to send a complete request head; then it is closed."),
 )
 
 
@@ -30,6 +31,8 @@ class Limits:
     first_byte_timeout_s: int = 300
     idle_timeout_s: int = 120
     max_body_kb: int = 10240
+    max_headers: int = 256
+    header_timeout_s: int = 30
 
     @classmethod
     def from_options(cls, opts) -> Limits:
@@ -38,21 +41,6 @@ class Limits:
             if value <= 0:
                 raise exceptions.OptionsError(f"vespa: {name} must be a positive number, got {value}.")
         return cls(**{name.removeprefix("vespa_"): value for name, value in values.items()})
-
-    def check_declared_size(self, request: http.Request) -> None:
-        """Before the body is read: a too-large Content-Length is refused without the upload."""
-        try:
-            size = int(request.headers.get("content-length", "0"))
-        except ValueError:
-            return  # mitmproxy itself answers a malformed Content-Length
-        self._check(size)
-
-    def check_size(self, body: bytes) -> None:
-        self._check(len(body))
-
-    def _check(self, size: int) -> None:
-        if size > self.max_body_kb * KIB:
-            raise BodyTooLarge(f"the request body has {size} bytes, over the limit of {self.max_body_kb} KiB")
 
 
 def add_options(loader) -> None:

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -38,8 +38,7 @@ PROGRESS_EVERY_S = 5.0
 RETRY_BASE_S = 0.2
 RETRY_CAP_S = 2.0
 
-# Vets an assigned worker before the request goes to it (see Router.route).
-WorkerCheck = Callable[[wire.RouteReady], Awaitable[None]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +101,13 @@ class Router:
             await resp.read()
             return resp.status
 
-    async def route(self, cost: float, check: WorkerCheck | None = None) -> Routed:
-        """Return a ready worker, polling while the endpoint wakes up, until the deadline.
+    async def route(self, cost: float, use: Callable[[wire.RouteReady], Awaitable[T]]) -> tuple[Routed, T]:
+        """Get a ready worker, polling while the endpoint wakes up, until the deadline, and
+        return it with what `use` (the request sent to it) returned.
 
-        `check` vets each assigned worker before anything is sent to it; when it raises
-        WorkerUnavailable (nothing sent: refused, connect timeout) the worker is skipped and the
-        same request_idx is routed again, inside this one loop, bounded by attempts and deadline.
+        When `use` raises WorkerUnavailable (nothing reached the worker: refused, connect
+        timeout, its 429) the worker is skipped and the same request_idx is routed again,
+        inside this one loop, bounded by attempts and deadline.
         """
         s = self.settings
         start = time.monotonic()
@@ -118,10 +118,9 @@ class Router:
             answer, used = await self._call(wire.RouteRequest(s.endpoint, cost, request_idx), deadline)
             retries += used
             if isinstance(answer, wire.RouteReady):
+                routed = Routed(answer, (time.monotonic() - start) * 1000, polls, retries)
                 try:
-                    if check is not None:
-                        await check(answer)
-                    return Routed(answer, (time.monotonic() - start) * 1000, polls, retries)
+                    return routed, await use(answer)
                 except WorkerUnavailable as e:
                     skipped += 1
                     delay = min(RETRY_CAP_S, RETRY_BASE_S * 2**skipped) * random.uniform(0.5, 1.0)

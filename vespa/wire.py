@@ -64,6 +64,8 @@ def parse_route_answer(body: bytes) -> RouteReady | RouteWaiting:
     if not isinstance(request_idx, int) or isinstance(request_idx, bool):
         raise BadRouteAnswer("the autoscaler's /route/ answer has a non-integer request_idx")
     if "url" not in answer:
+        if "status" not in answer:  # neither shape: polling it would wait out the whole deadline
+            raise BadRouteAnswer("the autoscaler's /route/ answer has neither a worker url nor a status")
         return RouteWaiting(status=str(answer.get("status", "waiting for a worker")), request_idx=request_idx)
     missing = [k for k in AUTH_FIELDS if k not in answer]
     if missing:

@@ -1,15 +1,12 @@
 """Trusting Vast's HTTPS workers: their root CA, downloaded once and cached, bundled with certifi.
 
 Vast workers present certificates from Vast's own root CA, published at
-`{console}/static/jvastai_root.cer`. mitmproxy verifies upstream TLS itself, against the single
-file in its option `ssl_verify_upstream_trusted_ca`; so Vespa writes certifi's bundle plus that
-CA into one file and points the option at it. The file name carries a hash of its content,
-because mitmproxy caches its TLS contexts by that path (`net/tls.py: create_proxy_server_context`
-is an lru_cache): a refreshed CA under the same name would never be loaded.
+`{console}/static/jvastai_root.cer`. The worker leg (vespa/leg.py) verifies workers against one
+file: certifi's bundle plus that CA. The file name carries a hash of its content, so a refreshed
+CA gets a new file and a new TLS context, never a stale cached one.
 
-No strict-mode relaxation is needed: mitmproxy builds its upstream context with pyOpenSSL, which
-does not set X509_V_FLAG_X509_STRICT (only Python's own `ssl.create_default_context` does, from
-3.13), and OpenSSL's default checks accept Vast's CA (it has no keyUsage extension at all).
+Python 3.13's `ssl.create_default_context` sets X509 strict mode, which refuses Vast's CA (it has
+no keyUsage extension at all); the leg clears that flag and keeps OpenSSL's default checks.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ import aiohttp
 import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mitmproxy import ctx, exceptions
 
-from vespa import wire
-from vespa.errors import WorkerCaUnavailable, WorkerTlsFailed
+from vespa.errors import WorkerCaUnavailable
 
 log = logging.getLogger("vespa")
 
@@ -42,7 +37,7 @@ MAX_CA_BYTES = 1024 * 1024
 # the console for nothing, while a rotated CA is caught within this many seconds.
 REFRESH_INTERVAL_S = 60.0
 # Each emulator run (--demo) has its own CA, hence its own 230 KB bundle: old ones are removed.
-# A day is far longer than any proxy needs to open its file (mitmproxy keeps the loaded context).
+# A day is far longer than any proxy needs to open its file (the leg keeps the loaded context).
 STALE_BUNDLE_S = 24 * 3600
 
 
@@ -131,7 +126,7 @@ async def download(console_url: str) -> bytes:
 
 @dataclass
 class WorkerTrust:
-    """Where the CA comes from, and the bundle file mitmproxy should verify workers against."""
+    """Where the CA comes from, and the bundle file the worker leg verifies workers against."""
 
     console_url: str
     override: Path | None = None  # vespa_worker_ca: a CA file the user chose; never downloaded
@@ -199,88 +194,6 @@ def _read_valid(path: Path) -> bytes | None:
         return None
 
 
-class WorkerTls:
-    """The addon's side: options, the bundle in mitmproxy's `ssl_verify_upstream_trusted_ca`,
-    and a CA refresh when a worker fails verification. Hooks call `configure`, `prepare`, `failed`."""
-
-    def __init__(self) -> None:
-        self.trust: WorkerTrust | None = None
-        self.user_bundle = False  # the user set ssl_verify_upstream_trusted_ca: theirs wins
-
-    @staticmethod
-    def add_options(loader) -> None:
-        loader.add_option(
-            "vespa_console_url", str, "https://console.vast.ai",
-            f"Vast console the worker root CA is downloaded from ({CA_PATH}), once, then cached "
-            "under $XDG_CACHE_HOME/vespa (default ~/.cache/vespa).",
-        )  # fmt: skip
-        loader.add_option(
-            "vespa_worker_ca", str, "",
-            "A file with Vast's worker root CA (PEM or DER) to use instead of downloading it.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        opts = ctx.options
-        if "ssl_insecure" in updated and opts.ssl_insecure:
-            log.warning(
-                "vespa: ssl_insecure is set: worker certificates are NOT verified, so anyone on the path "
-                "to a worker can read and answer your requests (prompts, keys in payloads). Use it only to debug."
-            )
-        if "ssl_verify_upstream_trusted_ca" in updated:
-            ours = self.trust is not None and str(self.trust.bundle) == opts.ssl_verify_upstream_trusted_ca
-            self.user_bundle = bool(opts.ssl_verify_upstream_trusted_ca) and not ours
-            if self.user_bundle:
-                log.info("vespa: workers are verified against your ssl_verify_upstream_trusted_ca only; "
-                         "it must hold Vast's root CA")  # fmt: skip
-        if self.trust is not None and not updated & {"vespa_console_url", "vespa_worker_ca"}:
-            return
-        if not wire.is_http_url(opts.vespa_console_url):
-            raise exceptions.OptionsError(
-                f"vespa: vespa_console_url must be an http(s) URL, got {opts.vespa_console_url!r}."
-            )
-        override = None
-        if opts.vespa_worker_ca:
-            override = Path(opts.vespa_worker_ca).expanduser()
-            try:
-                to_pem(override.read_bytes())
-            except (OSError, ValueError) as e:
-                raise exceptions.OptionsError(f"vespa: vespa_worker_ca={opts.vespa_worker_ca!r}: {e}") from None
-        self.trust = WorkerTrust(opts.vespa_console_url, override)
-
-    async def prepare(self, worker_url: str) -> None:
-        """Before a flow goes to `worker_url`: make sure mitmproxy verifies it against Vast's CA.
-        Raises WorkerCaUnavailable (the flow must then not be sent)."""
-        if not worker_url.startswith("https://") or self.trust is None:
-            return
-        if ctx.options.ssl_insecure or self.user_bundle:
-            return
-        _point_mitmproxy_at(await self.trust.ensure())
-
-    def failed(self, message: str) -> None:
-        """A flow's connection failed with `message`; if it was certificate verification, refresh the CA."""
-        if self.trust is None or self.user_bundle or not is_verify_failure(message):
-            return
-        task = self.trust.refresh_soon()
-        if task is not None:
-            task.add_done_callback(self._refreshed)
-
-    def _refreshed(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None and task.result() and self.trust and self.trust.bundle:
-            _point_mitmproxy_at(self.trust.bundle)
-
-
 def is_verify_failure(message: str) -> bool:
-    # mitmproxy's wording in proxy/layers/tls.py (11 and 12): "Certificate verify failed: <reason>".
+    # OpenSSL's wording, as aiohttp and mitmproxy pass it on: "certificate verify failed: <reason>".
     return "certificate verify failed" in message.lower()
-
-
-def explain_tls(message: str, status: int) -> WorkerTlsFailed | None:
-    """For vespa.errorpage: a worker whose certificate did not verify gets Vespa's JSON 502."""
-    if not is_verify_failure(message):
-        return None
-    return WorkerTlsFailed(f"the worker's TLS certificate was refused ({message}); nothing was sent to it")
-
-
-def _point_mitmproxy_at(bundle: Path) -> None:
-    if ctx.options.ssl_verify_upstream_trusted_ca != str(bundle):
-        ctx.options.update(ssl_verify_upstream_trusted_ca=str(bundle))

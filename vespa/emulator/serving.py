@@ -117,9 +117,12 @@ class HttpServer:
             return
         self._server.close()
         self._server = None
-        # Pooled keep-alive connections would otherwise still be served.
+        # Pooled keep-alive connections would otherwise still be served (a dead worker's kernel
+        # resets them); close() alone only stops the handler loop and leaves the socket open.
         for connection in list(self._runner.server.connections):
             connection.close()
+            if connection.transport is not None:
+                connection.transport.abort()
 
     async def stop(self) -> None:
         await self.set_blackhole(False)

@@ -1,0 +1,648 @@
+"""The worker leg: routes, signs and forwards each request over one shared pool of warm worker
+connections, in a process of its own.
+
+mitmproxy keeps its server connections per client connection (`HttpLayer.connections`), so a
+new client connection paid a TCP and a TLS handshake to the worker every time, and nothing was
+shared between clients. Here, one aiohttp session holds keep-alive connections to every worker
+for every client, TLS-verified with Vast's root CA. The addon points each flow at this leg on
+loopback (plain HTTP); the leg answers with ordinary HTTP responses, its own JSON errors
+included, so mitmproxy never needs to know a worker, a timeout or a signature. The signed
+request exists only here, never on a flow that mitmweb or `-w` could show.
+
+Per request: the endpoint (header set by the addon), the cost (X-Serverless-Cost), the body
+checked (size, decoding, strict UTF-8 JSON), `/route/` until a worker is ready, then the signed
+request to that worker. A worker that cannot be connected to (nothing was sent) is routed
+around with the same `request_idx`; after the first byte went out nothing is resent.
+
+Started by `Leg.start()` (vespa/addon.py) as `python -m vespa.leg`: the config, keys included,
+arrives as one JSON line on stdin (never in arguments or the environment), the leg answers
+with its port on stdout, then sends its log records there as JSON lines. It exits when stdin
+closes, so it never outlives the proxy that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from vespa import wire
+from vespa.errors import (
+    BadBody,
+    BadRequest,
+    BodyTooLarge,
+    EndpointNotFound,
+    VespaError,
+    WorkerBroke,
+    WorkerConnectTimeout,
+    WorkerFirstByteTimeout,
+    WorkerIdleTimeout,
+    WorkerRejectedSignature,
+    WorkerTlsFailed,
+    WorkerUnavailable,
+)
+from vespa.routing import Router, RouterSettings
+from vespa.workerca import WorkerTrust, is_verify_failure
+
+log = logging.getLogger("vespa.leg")
+
+ENDPOINT_HEADER = "X-Vespa-Endpoint"  # set by the addon; never reaches a worker
+FACTS_HEADER = "X-Vespa-Facts"  # routing facts for the addon (log, metrics, mitmweb); stripped there
+HEALTH_PATH = "/_vespa/health"
+START_TIMEOUT_S = 20.0
+
+# The client's own credentials (for its OpenAI SDK, say): a rented GPU never sees them, and the
+# addon masks them on the flow so mitmweb and -w files never hold them either.
+CREDENTIAL_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token",
+    "openai-api-key", "anthropic-api-key",
+})
+# One hop only, or Vespa's own: never forwarded.
+DROP_REQUEST = CREDENTIAL_HEADERS | {
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "proxy-authenticate", "host", "content-length", "x-serverless-cost", "content-encoding", "expect",
+    ENDPOINT_HEADER.lower(), "x-vast-endpoint",
+}
+DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "content-length",
+})
+# Deeper JSON than any API payload; Python's parser would hit its recursion limit past ~100k.
+MAX_JSON_DEPTH = 512
+READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointKey:
+    name: str
+    api_key: str = field(repr=False)
+    key_source: str = "env VAST_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class LegConfig:
+    """Everything the leg needs, sent as one JSON line on its stdin."""
+
+    autoscaler_url: str
+    endpoints: tuple[EndpointKey, ...]
+    default_cost: float = 1.0
+    route_deadline_s: float = 600.0
+    route_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 300.0
+    idle_timeout_s: float = 120.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    console_url: str = "https://console.vast.ai"
+    worker_ca: str | None = None  # a CA file the user chose instead of the download
+    trusted_ca: str | None = None  # ssl_verify_upstream_trusted_ca: the user's bundle, used alone
+    insecure: bool = False  # ssl_insecure: worker certificates not verified
+    pool_per_worker: int = 100
+    pool_idle_s: float = 30.0
+    log_level: int = logging.INFO
+    via: str = "1.1 vespa"  # added to every worker request; the addon spots its own coming back
+
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, line: str) -> LegConfig:
+        raw = json.loads(line)
+        raw["endpoints"] = tuple(EndpointKey(**e) for e in raw["endpoints"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """A worker's response headers, and the routing facts that got them."""
+
+    response: aiohttp.ClientResponse
+    facts: dict[str, Any]
+
+
+class WorkerLeg:
+    """The aiohttp server the addon sends flows to, and the worker pool behind it."""
+
+    def __init__(self, config: LegConfig) -> None:
+        self.config = config
+        self.routers = {
+            ep.name: Router(RouterSettings(
+                autoscaler_url=config.autoscaler_url, endpoint=ep.name, api_key=ep.api_key,
+                key_source=ep.key_source, deadline_s=config.route_deadline_s,
+                call_timeout_s=config.route_timeout_s,
+            ))
+            for ep in config.endpoints
+        }
+        self.trust = WorkerTrust(config.console_url, Path(config.worker_ca) if config.worker_ca else None)
+        self._ssl: dict[Path | None, ssl.SSLContext] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.in_flight = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=self.config.pool_per_worker,
+                keepalive_timeout=self.config.pool_idle_s,
+                # Workers are few and their addresses fixed for their life; skip a lookup per connect.
+                ttl_dns_cache=300,
+            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s),
+            auto_decompress=False,  # the worker's bytes pass through as they came
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
+        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for router in self.routers.values():
+            await router.close()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- one request ------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == HEALTH_PATH:
+            return await self.health()
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        except VespaError as e:
+            return _error_response(e)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        router = self._router(request.headers.get(ENDPOINT_HEADER))
+        cost = wire.parse_cost(request.headers.get("x-serverless-cost"), self.config.default_cost)
+        payload = await self._payload(request) if request.method in wire.BODY_METHODS else b""
+        forwarded = await self.forward(router, request, payload, cost)
+        return await self._relay(request, forwarded)
+
+    def _router(self, name: str | None) -> Router:
+        if not name:
+            return next(iter(self.routers.values()))
+        try:
+            return self.routers[name]
+        except KeyError:
+            known = ", ".join(self.routers)
+            raise EndpointNotFound(f"this proxy does not serve endpoint {name!r}",
+                                   hint=f"It serves: {known}.") from None
+
+    async def _payload(self, request: web.BaseRequest) -> bytes:
+        limit = self.config.max_body_bytes
+        raw = await _read_bounded(request.content, limit)
+        payload = _decode(raw, request.headers.get("content-encoding", ""), limit)
+        if payload.strip():
+            check_json(payload)
+        return payload
+
+    async def forward(self, router: Router, request: web.BaseRequest, payload: bytes, cost: float) -> Forwarded:
+        """Route, then send the signed request; a worker that refuses the connection is routed around."""
+        headers = _worker_headers(request.headers)
+        headers.add("Via", self.config.via)
+
+        async def send(ready: wire.RouteReady) -> aiohttp.ClientResponse:
+            url = URL(ready.url + request.raw_path, encoded=True)
+            if request.method in wire.BODY_METHODS:
+                headers["Content-Type"] = "application/json"
+                body: bytes | None = wire.worker_body(ready.auth_data, payload)
+            else:
+                url = url.with_query(
+                    [(k, v) for k, v in url.query.items() if not k.startswith(wire.QUERY_PREFIX)]
+                    + wire.auth_query(ready.auth_data)
+                )
+                body = None
+            response = await self._send(request.method, url, headers, body)
+            if response.status == 429:  # queue full: refused before any work, so another worker may take it
+                await _drain(response)
+                response.release()
+                raise WorkerUnavailable(
+                    f"the worker {ready.url} is full (429); the request was not processed and may be retried"
+                )
+            return response
+
+        routed, response = await router.route(cost, send)
+        ready = routed.ready
+        return Forwarded(response, {
+            "endpoint": ready.auth_data.get("endpoint"),
+            "worker": ready.url,
+            "request_idx": ready.request_idx,
+            "cost": ready.auth_data.get("cost"),
+            "route_ms": round(routed.route_ms, 1),
+            "polls": routed.polls,
+            "retries": routed.retries,
+        })
+
+    async def _send(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        worker = f"{url.scheme}://{url.host}:{url.port}"
+        ssl_context = await self._ssl_for(url)
+        try:
+            async with asyncio.timeout(self.config.first_byte_timeout_s):
+                return await self._session.request(
+                    method, url, headers=headers, data=body, ssl=ssl_context, allow_redirects=False,
+                )
+        except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one
+            raise WorkerConnectTimeout(
+                f"no connection to the worker {worker} within {self.config.connect_timeout_s:g} s; "
+                "the request was not processed and may be retried"
+            ) from None
+        except TimeoutError:
+            raise WorkerFirstByteTimeout(
+                f"the worker {worker} sent no response within {self.config.first_byte_timeout_s:g} s "
+                "(vespa_first_byte_timeout_s)"
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as e:
+            self._refresh_ca()
+            raise WorkerTlsFailed(f"the worker's TLS certificate was refused ({e.certificate_error}); nothing was sent to {worker}") from None
+        except aiohttp.ClientConnectorError as e:
+            if is_verify_failure(str(e)):
+                self._refresh_ca()
+                raise WorkerTlsFailed(f"the worker's TLS certificate was refused ({e}); nothing was sent to {worker}") from None
+            if e.os_error.errno == 24:
+                raise WorkerUnavailable(
+                    f"the proxy has no file descriptor left to connect to {worker} (Too many open files); "
+                    "the request was not processed and may be retried",
+                    hint="Too many requests at once for this process's open-file limit (ulimit -n); retry shortly.",
+                ) from None
+            raise WorkerUnavailable(
+                f"could not connect to the worker {worker} ({e.os_error.strerror or e}); "
+                "the request was not processed and may be retried"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise WorkerBroke(f"the connection to the worker {worker} failed ({type(e).__name__}: {e})") from None
+
+    async def _ssl_for(self, url: URL) -> ssl.SSLContext | bool:
+        if url.scheme != "https":
+            return True
+        if self.config.insecure:
+            return False
+        bundle = Path(self.config.trusted_ca) if self.config.trusted_ca else await self.trust.ensure()
+        if (context := self._ssl.get(bundle)) is None:
+            context = ssl.create_default_context(cafile=str(bundle))
+            # Python 3.13 turns on X509 strict mode, which refuses Vast's root CA (no keyUsage);
+            # OpenSSL's default checks (what mitmproxy applied before) accept it.
+            context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+            self._ssl = {bundle: context}
+        return context
+
+    def _refresh_ca(self) -> None:
+        if not self.config.trusted_ca:
+            self.trust.refresh_soon()  # a rotated CA is picked up by the next request
+
+    async def _relay(self, request: web.BaseRequest, forwarded: Forwarded) -> web.StreamResponse:
+        """The worker's answer to the addon, chunk by chunk as it comes (never buffered)."""
+        upstream, facts = forwarded.response, forwarded.facts
+        try:
+            if upstream.status == 401:
+                await _drain(upstream)  # whatever its framing: chunked, SSE, or a plain body
+                raise WorkerRejectedSignature(f"the worker {facts['worker']} rejected the routing signature (401)")
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in DROP_RESPONSE:
+                    response.headers.add(name, value)
+            if upstream.content_length is not None and upstream.content_length <= self.config.max_body_bytes:
+                response.content_length = upstream.content_length
+            response.headers[FACTS_HEADER] = json.dumps(facts)
+            sse = response.headers.get("content-type", "").startswith("text/event-stream")
+            await response.prepare(request)
+            try:
+                await self._pipe(upstream, response, facts["worker"])
+            except VespaError as e:
+                # Headers are out: no clean end, so no client mistakes the cut answer for a whole one.
+                log.warning("vespa: %s %s -> %s: %s", request.method, request.path, e.type, e.message)
+                if sse:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await response.write(sse_error_event(e))
+                if request.transport is not None:
+                    request.transport.abort()
+            return response
+        finally:
+            upstream.release()
+
+    async def _pipe(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, worker: str) -> None:
+        idle = self.config.idle_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                raise WorkerIdleTimeout(
+                    f"the worker's stream was silent for {idle:g} s (vespa_idle_timeout_s); the answer is incomplete"
+                ) from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise WorkerBroke(
+                    f"the worker {worker}'s stream broke before its end ({type(e).__name__}: {e}); the answer is incomplete",
+                    hint="Do not use the partial answer as if it were complete; send the request again.",
+                ) from None
+            if not chunk:
+                break
+            await response.write(chunk)
+        await response.write_eof()
+
+    async def health(self) -> web.Response:
+        """The autoscaler as each endpoint's router sees it (one shared probe per few seconds)."""
+        report: dict[str, Any] = {"status": "ok", "endpoints": {}}
+        status = 200
+        for name, router in self.routers.items():
+            start = time.monotonic()
+            try:
+                code = await router.probe(3.0)
+                entry: dict[str, Any] = {"reachable": code < 500, "latency_ms": round((time.monotonic() - start) * 1000, 1)}
+                if code >= 500:
+                    entry["error"] = f"GET /pubkey/ answered {code}"
+            except (aiohttp.ClientError, TimeoutError, OSError, VespaError) as e:
+                entry = {"reachable": False, "error": f"{type(e).__name__} {e}".strip()}
+            report["endpoints"][name] = entry
+            if not entry["reachable"]:
+                status = 503
+                report["status"] = "unavailable"
+                report["reason"] = f"cannot reach the autoscaler at {self.config.autoscaler_url}: {entry['error']}"
+        report["autoscaler"] = self.config.autoscaler_url
+        report["in_flight"] = self.in_flight
+        return web.json_response(report, status=status)
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+def _error_response(err: VespaError) -> web.Response:
+    return web.Response(status=err.status, body=err.body(), headers=err.headers())
+
+
+def sse_error_event(err: VespaError) -> bytes:
+    return b"event: error\ndata: " + json.dumps(err.to_json()).encode() + b"\n\n"
+
+
+def _worker_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop and credentials: one pass, duplicates kept."""
+    connection_tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname not in DROP_REQUEST and lname not in connection_tokens:
+            out.add(name, value)
+    return out
+
+
+async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    buf = bytearray()
+    while chunk := await content.read(READ_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise BodyTooLarge(f"the request body is over the limit of {limit // 1024} KiB")
+    return bytes(buf)
+
+
+def _decode(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding, never more than `limit` bytes decoded (a 500 KB
+    gzip bomb inflates to gigabytes)."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip() and c.strip().lower() != "identity"]
+    data = raw
+    for coding in reversed(codings):
+        if coding in ("gzip", "x-gzip"):
+            wbits = 16 + zlib.MAX_WBITS
+        elif coding == "deflate":
+            wbits = zlib.MAX_WBITS
+        else:
+            raise BadBody(f"the request body's Content-Encoding {coding!r} is not supported",
+                          hint="Send the body uncompressed, or with gzip or deflate.")
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(data, limit + 1)
+        except zlib.error as e:
+            raise BadBody(f"cannot decode the request body ({coding}: {e})") from None
+        if len(data) > limit:
+            raise BodyTooLarge(f"the request body is over the limit of {limit // 1024} KiB once decoded ({coding})")
+    return data
+
+
+def check_json(payload: bytes) -> None:
+    """Strict UTF-8 JSON, at most MAX_JSON_DEPTH deep; raises BadBody.
+
+    Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and a BOM, which the worker cannot
+    read once the payload is spliced into its UTF-8 body. The depth is counted before parsing,
+    since a 100,000-deep array makes the parser raise RecursionError.
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
+    if _depth_exceeds(text, MAX_JSON_DEPTH):
+        raise BadBody(f"the request body's JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    # Brackets inside strings count too: an overestimate only for bodies with hundreds of
+    # brackets in strings, which then get a clear 400 rather than a worker's confusion.
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+async def _drain(upstream: aiohttp.ClientResponse, limit: int = 64 * 1024) -> None:
+    with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        async with asyncio.timeout(5):
+            await upstream.content.read(limit)
+
+
+# --- running it ----------------------------------------------------------------------------
+class Leg:
+    """The addon's handle on its worker leg: a child process (default), or a thread of the
+    proxy's own process (`vespa_leg=thread`, for measuring the two against each other)."""
+
+    def __init__(self, config: LegConfig, mode: str = "process", on_log: Callable[[int, str, str], None] | None = None) -> None:
+        self.config = config
+        self.mode = mode
+        self.on_log = on_log or _default_log
+        self.port = 0
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: Callable[[], None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self.mode == "thread":
+            return self._start_thread()
+        vespa_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [vespa_root, os.environ.get("PYTHONPATH")]))}
+        for name in ("VAST_API_KEY", "VAST_ACCOUNT_KEY"):
+            env.pop(name, None)  # the keys arrive on stdin, and only the endpoint keys
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "vespa.leg"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env, close_fds=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(self.config.to_json().encode() + b"\n")
+        self._proc.stdin.flush()
+        ports: queue.Queue[int | str] = queue.Queue()
+        threading.Thread(target=self._pump, args=(self._proc, ports), name="vespa-leg-log", daemon=True).start()
+        try:
+            port = ports.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            port = f"nothing within {START_TIMEOUT_S:g} s"
+        if not isinstance(port, int):
+            self.stop()
+            raise RuntimeError(f"the worker leg did not start ({port})")
+        self.port = port
+
+    def _start_thread(self) -> None:
+        ready: "asyncio.Future[int] | None" = None
+        started = threading.Event()
+        holder: dict[str, Any] = {}
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            holder["loop"] = loop
+            leg = WorkerLeg(self.config)
+            try:
+                holder["port"] = loop.run_until_complete(leg.start())
+            except BaseException as e:  # reported to start()
+                holder["error"] = e
+                started.set()
+                return
+            started.set()
+            stop = holder["stop_event"] = asyncio.Event()
+            loop.run_until_complete(stop.wait())
+            loop.run_until_complete(leg.close())
+            loop.close()
+
+        del ready
+        self._thread = threading.Thread(target=main, name="vespa-leg", daemon=True)
+        self._thread.start()
+        started.wait(START_TIMEOUT_S)
+        if "error" in holder or "port" not in holder:
+            raise RuntimeError(f"the worker leg did not start: {holder.get('error')!r}")
+        self.port = holder["port"]
+        self._stop = lambda: holder["loop"].call_soon_threadsafe(holder["stop_event"].set)
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._thread is not None and self._thread.is_alive()
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # type: ignore[union-attr]  # the leg exits when its stdin closes
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _pump(self, proc: subprocess.Popen, ports: queue.Queue[int | str]) -> None:
+        """The leg's stdout: first its port, then its log records, logged here."""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                rec = json.loads(line)
+                if "port" in rec:
+                    ports.put(int(rec["port"]))
+                else:
+                    self.on_log(int(rec["level"]), str(rec["name"]), str(rec["msg"]))
+            except (ValueError, KeyError, TypeError):
+                self.on_log(logging.WARNING, "vespa.leg", line.decode(errors="replace").rstrip())
+        ports.put(f"it exited with code {proc.wait()}")
+
+
+def _default_log(level: int, name: str, msg: str) -> None:
+    logging.getLogger(name).log(level, "%s", msg)
+
+
+class _JsonLines(logging.Handler):
+    """Log records to the parent, one JSON line each: it logs them through mitmproxy."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps({"level": record.levelno, "name": record.name, "msg": record.getMessage()})
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+async def _serve(config: LegConfig) -> None:
+    leg = WorkerLeg(config)
+    port = await leg.start()
+    sys.stdout.write(json.dumps({"port": port}) + "\n")
+    sys.stdout.flush()
+    loop = asyncio.get_running_loop()
+    try:
+        # The parent holds our stdin: EOF means it is gone (or stopped us), so we go too.
+        await loop.run_in_executor(None, sys.stdin.buffer.read)
+    finally:
+        await leg.close()
+
+
+def main() -> None:
+    config = LegConfig.from_json(sys.stdin.buffer.readline().decode())
+    handler = _JsonLines()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(config.log_level)
+    # aiohttp's own access and server logs are noise here; errors still reach the parent.
+    logging.getLogger("aiohttp").setLevel(max(config.log_level, logging.WARNING))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config))
+
+
+if __name__ == "__main__":
+    main()
