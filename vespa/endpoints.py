@@ -68,7 +68,7 @@ KEYS = ("name", "aliases", "cost", "fallback", "fallback_after_s", "api_key_env"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Vast key is long lowercase hex: such a "variable name" is a pasted key, to refuse unechoed.
 _LOOKS_LIKE_KEY = re.compile(r"[0-9a-f]{32,}")
-_EXAMPLE = 'e.g.\n  [[endpoint]]\n  name = "llama-8b"\n  aliases = ["meta-llama/Llama-3.1-8B-Instruct"]'
+_EXAMPLE = 'e.g. a line [[endpoint]] followed by name = "llama-8b" (the README has a full example).'
 
 
 class _Problem(BadConfig):
@@ -139,11 +139,13 @@ class Catalog:
                 raise _Problem(None, f"item {i + 1} is a {type(spec).__name__}, not an EndpointSpec", "", i)
             for key, model in [("name", spec.name)] + [("aliases", a) for a in spec.aliases]:
                 if model in by_model:
-                    other = by_model[model]
+                    other, j = by_model[model], owner_index[model] + 1
+                    if key == "name" and other.name == model:
+                        raise _Problem(key, f"endpoint '{model}' is already defined as #{j}",
+                                       "Give each endpoint one [[endpoint]] table: merge the two.", i)
                     what = "name" if key == "name" else "alias"
-                    clash = "its name" if other.name == model else "an alias"
-                    raise _Problem(key, f"{what} '{model}' is already {clash} of endpoint "
-                                   f"#{owner_index[model] + 1} '{other.name}'",
+                    clash = "the name" if other.name == model else "already an alias"
+                    raise _Problem(key, f"{what} '{model}' is {clash} of endpoint #{j} '{other.name}'",
                                    "A model name selects one endpoint only: remove or rename one of the two.", i)
                 by_model[model] = spec
                 owner_index[model] = i
@@ -207,7 +209,7 @@ def load_config(path: str) -> Catalog:
     except tomllib.TOMLDecodeError as e:
         # tomllib's message carries "(at line L, column C)"; it never quotes the value.
         raise BadConfig(f"{path}: not valid TOML: {e}",
-                        "Fix the TOML syntax at that line; strings need double quotes, lists [\"a\", \"b\"]. "
+                        "Fix the TOML syntax at the place named; strings need double quotes, lists [\"a\", \"b\"]. "
                         + _EXAMPLE) from None
     return _from_document(data, _Where(path, text))
 
