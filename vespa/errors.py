@@ -68,6 +68,37 @@ class NotRouted(VespaError):
     retry_after = 1
 
 
+class ModelNotFound(VespaError):
+    """Several endpoints are served and the request's `model` selects none of them."""
+
+    status, type = 404, "model_not_found"
+    default_hint = (
+        "Set the request's \"model\" to one of the names above (GET /v1/models lists them), "
+        "or pick the endpoint with the header 'X-Vast-Endpoint: NAME'."
+    )
+
+    def to_json(self) -> dict:
+        # OpenAI's own 404 carries code/param; its SDK exposes them as e.code / e.param.
+        body = super().to_json()
+        body["error"].update(code="model_not_found", param="model")
+        return body
+
+
+class UnknownEndpoint(VespaError):
+    """`X-Vast-Endpoint` names an endpoint this proxy does not serve."""
+
+    status, type = 404, "unknown_endpoint"
+    default_hint = "Name one of the endpoints above in X-Vast-Endpoint, or drop the header to choose by model."
+
+
+# --- configuration ----------------------------------------------------------------------------
+class BadConfig(VespaError):
+    """The endpoint configuration (config file, --endpoint/--cost, the addon option) is refused."""
+
+    status, type = 500, "bad_config"
+    default_hint = "Fix the endpoint configuration and start Vespa again."
+
+
 # --- keys and the account API ---------------------------------------------------------------
 class KeyRejected(VespaError):
     status, type = 401, "key_rejected"
