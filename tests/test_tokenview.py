@@ -105,6 +105,21 @@ def test_a_capture_cut_anywhere_shows_what_came_and_says_it_was_cut(emulator) ->
         assert {completion_text(i) for i in range(1, 5)} <= seen
 
 
+def test_a_cut_in_the_middle_of_an_event_is_named_with_its_size(emulator) -> None:
+    data, ctype = backend(emulator, "/v1/chat/completions", {**CHAT, "stream": True})
+    events = data.split(b"\n\n")
+    kept = b"\n\n".join(events[:3]) + b"\n\n" + events[3][:40]  # role, tok0, tok1, then 40 bytes of tok2
+    got = assemble(kept, ctype)
+    assert got is not None and got.cut_bytes == 40
+    assert got.text().splitlines() == [
+        completion_text(2),
+        "",
+        "SSE: 3 events in 7 lines",
+        "the body ends inside an event, 40 bytes not shown: the stream broke or was longer than the capture "
+        "(vespa_capture_kb)",
+    ]
+
+
 # --- streams written as other servers send them ------------------------------------------------------
 def test_error_event_is_shown_after_the_text_so_far() -> None:
     data = sse(chat_chunk(role="assistant", content=""), chat_chunk(content="Hello"), done=False)
