@@ -166,7 +166,7 @@ def test_reasoning_and_tool_calls_are_shown_apart_from_the_answer() -> None:
     assert "finish_reason: tool_calls" in got.text()
 
 
-def test_ollama_tgi_and_anthropic_streams() -> None:
+def test_ollama_tgi_anthropic_and_responses_api_streams() -> None:
     generate = ndjson({"model": "llama3", "response": "Hi", "done": False}, {"model": "llama3", "response": " there", "done": False},
                       {"model": "llama3", "response": "", "done": True, "done_reason": "stop",
                        "prompt_eval_count": 12, "eval_count": 2, "total_duration": 123})
@@ -194,6 +194,20 @@ def test_ollama_tgi_and_anthropic_streams() -> None:
                  b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
     got = assemble(anthropic, SSE)
     assert got is not None and got.choices[0].text == "Ahoy" and got.choices[0].finish_reason == "end_turn" and got.done
+    responses = b"".join(
+        f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (
+            {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+            {"type": "response.reasoning_summary_text.delta", "delta": "Short."},
+            {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hel"},
+            {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "lo"},
+            {"type": "response.output_text.done", "item_id": "msg_1", "text": "Hello"},
+            {"type": "response.completed", "response": {"id": "resp_1", "status": "completed",
+                                                        "usage": {"input_tokens": 5, "output_tokens": 2}}},
+        ))
+    got = assemble(responses, SSE)
+    assert got is not None and got.text().splitlines()[:7] == [
+        "[reasoning]", "Short.", "[answer]", "Hello", "", "finish_reason: completed",
+        "usage: input_tokens=5, output_tokens=2"]
 
 
 def test_sse_without_content_type_and_crlf_lines_are_read() -> None:

@@ -241,8 +241,11 @@ def _openai_choice(ch: Choice, c: dict[str, Any]) -> None:
 
 
 def _other_shapes(out: Assembled, obj: dict[str, Any]) -> bool:
-    """NDJSON and non-OpenAI SSE: Ollama generate/chat, TGI, Anthropic, the emulator's backend."""
+    """NDJSON and other SSE: Ollama generate/chat, TGI, Anthropic, OpenAI Responses, the emulator's backend."""
     ch, known = out.choice(0), False
+    kind = obj.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):  # its `*.done` events repeat the text
+        return _responses_event(out, ch, kind, obj)
     token = obj.get("token")
     if isinstance(token, dict) and isinstance(token.get("text"), str):  # TGI; its final generated_text repeats all
         if not token.get("special"):
@@ -269,7 +272,7 @@ def _other_shapes(out: Assembled, obj: dict[str, Any]) -> bool:
             ch.finish_reason = str(obj["done_reason"])
         counts = {k: obj[k] for k in ("prompt_eval_count", "eval_count") if isinstance(obj.get(k), int)}
         out.usage = counts or out.usage
-    kind = obj.get("type")  # Anthropic messages
+    # Anthropic messages
     delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
     if kind == "content_block_delta":
         ch.text += _str(delta.get("text"))
@@ -284,6 +287,25 @@ def _other_shapes(out: Assembled, obj: dict[str, Any]) -> bool:
     elif kind in ("message_start", "content_block_start", "content_block_stop", "ping"):
         known = True
     return known
+
+
+def _responses_event(out: Assembled, ch: Choice, kind: str, obj: dict[str, Any]) -> bool:
+    """OpenAI's Responses API (`/v1/responses`): typed events, `delta` is a string."""
+    if kind == "response.output_text.delta":
+        ch.text += _str(obj.get("delta"))
+    elif kind.startswith("response.reasoning") and kind.endswith(".delta"):
+        ch.reasoning += _str(obj.get("delta"))
+    elif kind in ("response.completed", "response.incomplete", "response.failed"):
+        resp = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+        out.done = True
+        details = resp.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        ch.finish_reason = str(reason or resp.get("status") or kind.rpartition(".")[2])
+        if isinstance(resp.get("usage"), dict):
+            out.usage = resp["usage"]
+        if resp.get("error"):
+            out.errors.append(_error_text(resp))
+    return True
 
 
 def _error_text(obj: Any) -> str:
