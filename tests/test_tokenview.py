@@ -134,6 +134,7 @@ def test_error_event_is_shown_after_the_text_so_far() -> None:
     assert got is not None and got.errors == ["bad things (BadRequestError)"]
     got = assemble(b"event: error\ndata: upstream went away\n\n", SSE)
     assert got is not None and got.errors == ["upstream went away"]
+    assert got.text().splitlines() == ["error: upstream went away", "SSE: 1 event in 3 lines"]
 
 
 def test_several_choices_are_shown_by_index() -> None:

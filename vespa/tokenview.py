@@ -82,7 +82,7 @@ class Assembled:
                 out.append([("header", "tool call: "), ("text", f"{call.name}({call.arguments})")])
             if many:
                 out.append([])
-        if not many:
+        if len(self.choices) == 1:
             out.append([])
         for err in self.errors:
             out.append([("error", "error: "), ("error", err)])
@@ -96,7 +96,7 @@ class Assembled:
             unit = "event" if self.kind == "SSE" else "line"
             out.append([("error", f"the body ends inside an {unit}, {self.cut_bytes} bytes not shown: the stream "
                                   "broke or was longer than the capture (vespa_capture_kb)")])
-        elif not self.done and not reasons:
+        elif not self.done and not reasons and not self.errors:
             out.append([("error", "no end of stream seen: the stream or its capture was cut short")])
         return out
 
@@ -350,7 +350,7 @@ def _text_lines(text: str) -> Iterator[Line]:
 # --- mitmproxy adapters ------------------------------------------------------------------------------
 # mitmweb asks a view's priority for every body it shows and then renders with the winner: a small
 # cache keeps that to one parse (bytes cache their own hash).
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _cached(data: bytes, content_type: str | None) -> Assembled | None:
     return assemble(data, content_type)
 
