@@ -16,10 +16,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pexpect
 import pytest
@@ -62,18 +64,29 @@ def proc_environ(pid: int) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
-def read_until(proc: subprocess.Popen, last_line: str, timeout: float = 30.0) -> str:
-    """The child's output up to and including `last_line` (stdout must be a text pipe)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.rstrip("\n") == last_line:
-            return "".join(lines)
-    raise AssertionError(f"{last_line!r} never printed:\n" + "".join(lines))
+class Output:
+    """A child's stdout read by a thread, so waiting for a line can time out instead of hanging."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.reader.start()
+
+    def until(self, last_line: str, timeout: float = 30.0) -> str:
+        """Everything up to and including `last_line`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = list(self.lines)
+            if any(line.rstrip("\n") == last_line for line in lines):
+                return "".join(lines)
+            if not self.reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{last_line!r} never printed:\n" + "".join(self.lines))
+
+    def all(self) -> str:
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
 
 
 def printed_examples(out: str) -> tuple[str, str]:
@@ -463,7 +476,8 @@ def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> No
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        printed = read_until(proc, "  EOF")
+        output = Output(proc.stdout)
+        printed = output.until("  EOF")
         wait_for_port(port, proc)
         assert "mitmdump" in proc_file(proc.pid, "cmdline")  # exec'd: no parent left behind
         environ = proc_environ(proc.pid)
@@ -484,7 +498,7 @@ def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> No
         assert done.returncode == 0 and done.stdout.strip(), done.stderr
     finally:
         stop(proc)
-    out = printed + proc.stdout.read()
+    out = output.all()
     assert f"Listening on: http://127.0.0.1:{port}" in out
     assert "Key: account key from env VAST_ACCOUNT_KEY (..." in out
     for secret in secrets_of(vast):
