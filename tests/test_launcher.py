@@ -15,10 +15,13 @@ import socket
 import stat
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pexpect
 import pytest
@@ -59,6 +62,45 @@ def proc_file(pid: int, name: str) -> str:
 def proc_environ(pid: int) -> dict[str, str]:
     pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
     return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+class Output:
+    """A child's stdout read by a thread, so waiting for a line can time out instead of hanging."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.reader.start()
+
+    def until(self, last_line: str, timeout: float = 30.0) -> str:
+        """Everything up to and including `last_line`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = list(self.lines)
+            if any(line.rstrip("\n") == last_line for line in lines):
+                return "".join(lines)
+            if not self.reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{last_line!r} never printed:\n" + "".join(self.lines))
+
+    def all(self) -> str:
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
+
+
+def printed_examples(out: str) -> tuple[str, str]:
+    """The curl command and the Python snippet the launcher prints after start, as a user would copy them."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("curl "))
+    curl = []
+    for line in lines[start:]:
+        curl.append(line.strip().removesuffix("\\"))
+        if not line.endswith("\\"):
+            break
+    begin = next(i for i, line in enumerate(lines) if "python3 - <<'EOF'" in line) + 1
+    end = lines.index("  EOF", begin)
+    return " ".join(curl), textwrap.dedent("\n".join(lines[begin:end]))
 
 
 @pytest.fixture(scope="module")
@@ -388,11 +430,14 @@ def test_interactive_mode(home: Path, vast: Emulator) -> None:
         child.expect(r"Available endpoints \(2\):")
         child.expect(r"1\. llm-prod  \(active\)")
         child.expect(r"2\. llm-staging  \(stopped\)")
-        child.expect(r"Select endpoint \[1-2\]: ")
+        child.expect(r"Select endpoint \(1-2 or a name\): ")
         child.sendline("3")
-        child.expect("Please enter a number from 1 to 2")
-        child.expect(r"Select endpoint \[1-2\]: ")
-        child.sendline("1")
+        child.expect("Please enter a number from 1 to 2 or an endpoint name.")
+        child.expect(r"Select endpoint \(1-2 or a name\): ")
+        child.sendline("llm-stagin")
+        child.expect("Did you mean 'llm-staging'?")
+        child.expect(r"Select endpoint \(1-2 or a name\): ")
+        child.sendline("llm-staging")  # by name
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
             busy.listen()
@@ -406,10 +451,11 @@ def test_interactive_mode(home: Path, vast: Emulator) -> None:
         child.sendline("y")
         child.expect("Saved to")
         child.expect(f"Listening on: http://127.0.0.1:{port}")
+        child.expect(f"curl --no-buffer http://127.0.0.1:{port}/v1/chat/completions")
         wait_for_port(port, timeout=20)
         # The launcher became mitmdump: the same process, with the endpoint key in its environment.
         assert "mitmdump" in proc_file(child.pid, "cmdline")
-        assert proc_environ(child.pid)["VAST_API_KEY"] == ep_key(vast)
+        assert proc_environ(child.pid)["VAST_API_KEY"] == ep_key(vast, "llm-staging")
     finally:
         child.kill(signal.SIGTERM)
         child.close(force=True)
@@ -430,6 +476,8 @@ def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> No
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
+        output = Output(proc.stdout)
+        printed = output.until("  EOF")
         wait_for_port(port, proc)
         assert "mitmdump" in proc_file(proc.pid, "cmdline")  # exec'd: no parent left behind
         environ = proc_environ(proc.pid)
@@ -441,9 +489,16 @@ def test_run_sh_account_key_to_a_running_proxy(home: Path, vast: Emulator) -> No
         resp = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
                              timeout=20)
         assert resp.status_code == 200, resp.text
+        # The examples printed at start work as printed: the curl, and the OpenAI snippet.
+        assert f"Base URL: http://127.0.0.1:{port}" in printed
+        curl, snippet = printed_examples(printed)
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "data: [DONE]" in done.stdout, done.stderr
+        done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
     finally:
         stop(proc)
-    out = proc.stdout.read()
+    out = output.all()
     assert f"Listening on: http://127.0.0.1:{port}" in out
     assert "Key: account key from env VAST_ACCOUNT_KEY (..." in out
     for secret in secrets_of(vast):
@@ -457,7 +512,7 @@ def test_demo_end_to_end(home: Path) -> None:
     port = free_port()
     account, endpoint = "demo-acct-secret-0123456789", "demo-endpoint-secret-9876543210"
     env = {**os.environ, "HOME": str(home), "VESPA_EMU_ACCOUNT_KEY": account, "VESPA_EMU_ENDPOINT_KEY": endpoint}
-    env.pop("XDG_CACHE_HOME", None)  # the worker CA goes to the temporary HOME's ~/.cache
+    env.pop("XDG_CACHE_HOME", None)  # so a worker CA left behind would be in the temporary HOME's ~/.cache
     proc = subprocess.Popen([str(RUN_SH), "--demo", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kids: list[int] = []
@@ -477,8 +532,11 @@ def test_demo_end_to_end(home: Path) -> None:
         )
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert len(pieces) >= 2 and "".join(pieces).strip()
-        # The demo's workers are HTTPS: the proxy fetched the emulator's root CA to verify them.
-        assert list((home / ".cache" / "vespa" / "worker-ca").glob("127.0.0.1_*.pem"))
+        # The demo's workers are HTTPS: the proxy fetched the emulator's root CA to verify them,
+        # into a cache of the run's own (each emulator run has a new CA: nothing to reuse later).
+        run_cache = Path(proc_environ(mitm[0])["XDG_CACHE_HOME"])
+        assert list((run_cache / "vespa" / "worker-ca").glob("127.0.0.1_*.pem"))
+        assert list((run_cache / "vespa" / "worker-ca").glob("bundle-*.pem"))
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -486,6 +544,9 @@ def test_demo_end_to_end(home: Path) -> None:
         while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(alive(pid) for pid in kids), "the emulator or mitmdump outlived the launcher"
+        # Nothing piles up run after run: the run's cache went with it, and none was made in ~/.cache.
+        assert not run_cache.exists()
+        assert not (home / ".cache" / "vespa").exists()
     finally:
         stop(proc)
         for pid in kids:
@@ -495,3 +556,213 @@ def test_demo_end_to_end(home: Path) -> None:
     assert f"curl --no-buffer http://127.0.0.1:{port}/v1/chat/completions" in out
     assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in out
     assert account not in out and endpoint not in out
+
+
+# --- launcher polish: picker, --list in a terminal, hints, the demo's emulator --------------------
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_interactive_enter_picks_the_only_endpoint_and_bad_typed_keys_are_explained(
+    home: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config_home = tmp_path / "cfg"  # XDG_CONFIG_HOME outside HOME: the key goes there, as vastai's does
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(config_home)}
+    transcript = io.StringIO()
+    with Emulator(EmulatorConfig(endpoints=[EndpointConfig(name="solo", workers=1)], console_rate_limit=None)) as emu:
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "vespa.launcher", "--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
+            env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
+        )
+        child.logfile_read = transcript
+        try:
+            child.expect("Enter account API key: ")
+            child.sendline("SECRETMARKER pasted with a space")
+            child.expect(r"error: the account key from the prompt has U\+0020 \(SPACE\) at character 13")
+            child.expect("hint: ")
+            child.expect("Enter account API key: ")
+            child.sendline(emu.config.account_key)
+            child.expect(r"1\. solo  \(active\)")
+            child.expect(r"Select endpoint \(1 or its name\) \[solo\]: ")
+            child.sendline("")  # Enter
+            child.expect(r"Local proxy port \[8010\]: ")
+            child.sendline(str(port))
+            child.expect(f"Save this account key to {config_home}/vastai/vast_api_key for next time")
+            child.sendline("y")
+            child.expect(f"Listening on: http://127.0.0.1:{port}")
+            wait_for_port(port, timeout=20)
+            assert proc_environ(child.pid)["VAST_API_KEY"] == emu.config.endpoints[0].api_key
+        finally:
+            child.kill(signal.SIGTERM)
+            child.close(force=True)
+        assert (config_home / "vastai" / "vast_api_key").read_text() == emu.config.account_key + "\n"
+        assert "SECRETMARKER" not in transcript.getvalue()
+        assert emu.config.account_key not in transcript.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_list_asks_for_the_account_key_in_a_terminal(home: Path, vast: Emulator) -> None:
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "VAST_API_KEY": ep_key(vast)}
+    transcript = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "vespa.launcher", "--list", "--console-url", vast.console_url],
+        env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
+    )
+    child.logfile_read = transcript
+    try:
+        child.expect("note: The key in env VAST_API_KEY is read as an endpoint key")
+        child.expect("Enter account API key: ")
+        child.sendline(vast.config.account_key)
+        child.expect(r"Available endpoints \(2\):")
+        child.expect(r"llm-prod +active +4")
+        child.expect(r"llm-staging +stopped +2")
+        child.expect(r"Save this account key to .*vast_api_key.* \[y/N\]: ")
+        child.sendline("")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert not (home / ".config" / "vastai" / "vast_api_key").exists()
+    for secret in secrets_of(vast):
+        assert secret not in transcript.getvalue()
+
+
+def test_hints_name_the_key_file_actually_used(launch, vast: Emulator, tmp_path: Path, monkeypatch) -> None:
+    r = launch("--endpoint", "x")
+    assert r.rc == 2 and "~/.config/vastai/vast_api_key" in r.err
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    used = f"{tmp_path}/cfg/vastai/vast_api_key"
+    r = launch("--endpoint", "x")
+    assert r.rc == 2 and f"in {used} (chmod 600)" in r.err and "~/.config" not in r.err
+    r = launch("--list")
+    assert r.rc == 2 and f"save it in {used}" in r.err and "~/.config" not in r.err
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast))
+    assert f"or the key file {used}." in r.err
+    help_text = launcher.build_parser().format_help()
+    assert used in help_text and "~/.config" not in help_text
+
+
+def test_examples_are_printed_after_every_start(launch, vast: Emulator) -> None:
+    r = launch("--endpoint", "llm-prod", "--api-key", ep_key(vast), "--port", "18097")
+    assert "Base URL: http://127.0.0.1:18097" in r.out
+    curl, snippet = printed_examples(r.out)
+    assert curl.startswith("curl --no-buffer http://127.0.0.1:18097/v1/chat/completions ")
+    assert 'OpenAI(base_url="http://127.0.0.1:18097/v1"' in snippet
+    compile(snippet, "snippet", "exec")  # it is Python as printed (it runs in the run.sh test)
+
+
+def test_demo_stops_when_its_emulator_dies(home: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "HOME": str(home)}
+    proc = subprocess.Popen([str(RUN_SH), "--demo", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kids: list[int] = []
+    try:
+        wait_for_port(port, proc, timeout=30)
+        kids = children(proc.pid)
+        emulator = [pid for pid in kids if "vespa.emulator" in proc_file(pid, "cmdline")]
+        assert len(emulator) == 1, kids
+        os.kill(emulator[0], signal.SIGKILL)
+        assert proc.wait(timeout=10) == 1
+        out = proc.stdout.read()
+    finally:
+        stop(proc)
+    assert "error: the demo emulator exited (status -9); the proxy was stopped" in out
+    assert "hint: Start the demo again" in out
+    assert not any(alive(pid) for pid in kids), "mitmdump outlived its emulator"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the proxy still listens"
+
+
+# --- malformed keys through scripts/run.sh: refused, and never printed, --debug included ----------
+SECRET = "SECRETMARKER0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "case, argv, env_extra, key_file, expected",
+    [
+        ("endpoint key env, 2 lines", [], {"VAST_API_KEY": f"{SECRET}\nx"}, None,
+         "error: the endpoint key from env VAST_API_KEY has 2 lines"),
+        ("account key env, BOM", [], {"VAST_ACCOUNT_KEY": f"\ufeff{SECRET}"}, None,
+         "error: the account key from env VAST_ACCOUNT_KEY starts with a byte-order mark"),
+        ("flag, newline", ["--api-key", f"{SECRET}\n"], {}, None, None),  # stripped: a fine key
+        ("flag, inner newline", ["--account-key", f"{SECRET}\nx"], {}, None,
+         "error: the account key from --account-key has 2 lines"),
+        ("key file, comment", [], {}, f"# my key\n{SECRET}\n".encode(),
+         "error: the account key from file {path} has 2 lines; a key is one line (line 1 is a comment"),
+        ("key file, BOM", [], {}, f"\ufeff{SECRET}\n".encode(),
+         "error: the account key from file {path} starts with a byte-order mark"),
+        ("key file, non-latin-1", [], {}, f"{SECRET}\u2019\n".encode(),
+         "error: the account key from file {path} has U+2019 (RIGHT SINGLE QUOTATION MARK)"),
+        ("key file, not UTF-8", [], {}, SECRET.encode() + b"\xe9\n",
+         "error: the account key from file {path} is not UTF-8 text"),
+    ],
+)
+def test_malformed_keys_are_refused_and_never_printed(
+    home: Path, vast: Emulator, tmp_path: Path, case: str, argv: list[str], env_extra: dict,
+    key_file: bytes | None, expected: str | None,
+) -> None:
+    config_home = tmp_path / "cfg"
+    path = config_home / "vastai" / "vast_api_key"
+    if key_file is not None:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(key_file)
+        path.chmod(0o600)
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(config_home), **env_extra}
+    done = subprocess.run(
+        [str(RUN_SH), "--debug", "--endpoint", "llm-prod", "--port", str(free_port()),
+         "--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url, *argv],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )
+    out, err = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+    assert "SECRETMARKER" not in out + err, case
+    assert "0123456789" not in out + err, case
+    if expected is None:  # the key was usable as given, and wrong: the autoscaler said so
+        assert done.returncode == 1 and "error: the autoscaler rejected the endpoint key from --api-key" in err
+        return
+    assert done.returncode == 2, err
+    assert expected.format(path=path) in err, err
+    assert "\nhint: " in err
+    assert "InvalidHeader" not in err and "UnicodeEncodeError" not in err
+
+
+def test_a_malformed_key_from_the_console_is_refused(launch) -> None:
+    odd = EmulatorConfig(endpoints=[EndpointConfig(name="odd", api_key=f"{SECRET}\nsecond")], console_rate_limit=None)
+    with Emulator(odd) as emu:
+        r = launch("--endpoint", "odd", "--account-key", emu.config.account_key, "--debug", emu=emu)
+    assert r.rc == 2 and r.exec is None
+    assert "error: the endpoint key from the console's answer for endpoint 'odd' has 2 lines" in r.err
+    assert "hint: This is on Vast's side" in r.err
+    assert "SECRETMARKER" not in r.out + r.err
+
+
+def test_a_distinctive_key_never_reaches_the_debug_log(home: Path) -> None:
+    """A valid key through the whole path (console, preflight, mitmdump --debug, requests)."""
+    account, endpoint = f"acct-{SECRET}", f"ep-{SECRET}"
+    config = EmulatorConfig(account_key=account, endpoints=[EndpointConfig(name="secret-ep", api_key=endpoint)],
+                            console_rate_limit=None, ttft_ms=5, tokens_per_s=1000.0)
+    port = free_port()
+    with Emulator(config) as emu:
+        env = {**os.environ, "HOME": str(home), "VAST_ACCOUNT_KEY": account}
+        proc = subprocess.Popen(
+            [str(RUN_SH), "--debug", "--endpoint", "secret-ep", "--port", str(port),
+             "--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            wait_for_port(port, proc)
+            import requests
+
+            ok = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+                               timeout=20)
+            assert ok.status_code == 200, ok.text
+            bad = requests.post(f"http://127.0.0.1:{port}/v1/completions", data=b"{not json", timeout=20,
+                                headers={"Content-Type": "application/json"})
+            assert bad.status_code == 400
+            assert "SECRETMARKER" not in ok.text + bad.text
+        finally:
+            stop(proc)
+        out = proc.stdout.read()
+    assert "Starting proxy for: secret-ep" in out
+    assert "client connect" in out  # mitmproxy's debug-level lines: --debug reached it
+    assert "SECRETMARKER" not in out

@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 
 from vespa.errors import ConsoleError, EndpointNotFound, KeyRejected
-from vespa.keys import mask
+from vespa.keys import clean_key, mask
 
 TIMEOUT_S = 10.0
 ATTEMPTS = 5
@@ -29,7 +29,7 @@ class Endpoint:
     name: str
     state: str
     max_workers: int | None
-    api_key: str = field(repr=False)
+    api_key: str = field(repr=False)  # as the console sent it: check with key_of() before use
 
 
 def _backoff_s(attempt: int, retry_after: str | None) -> float:
@@ -120,7 +120,12 @@ def find_endpoint(endpoints: list[Endpoint], name: str) -> Endpoint:
     )
 
 
+def key_of(endpoint: Endpoint) -> str:
+    """The endpoint's key, checked like any other key before it goes into a header (BadKey if not)."""
+    return clean_key(endpoint.api_key, f"the console's answer for endpoint '{endpoint.name}'", kind="endpoint key")
+
+
 def fetch_endpoint_key(
     account_key: str, endpoint_name: str, console_url: str, *, sleep: Callable[[float], None] = time.sleep
 ) -> str:
-    return find_endpoint(list_endpoints(account_key, console_url, sleep=sleep), endpoint_name).api_key
+    return key_of(find_endpoint(list_endpoints(account_key, console_url, sleep=sleep), endpoint_name))

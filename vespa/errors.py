@@ -104,6 +104,16 @@ class KeyRejected(VespaError):
     status, type = 401, "key_rejected"
 
 
+class BadKey(VespaError):
+    """A key that cannot be sent as `Authorization: Bearer <key>`: several lines, a byte-order mark,
+    spaces or non-ASCII characters. 503 like `not_configured`: the proxy cannot serve until whoever
+    runs it fixes the key; the client can do nothing about it. The message names the source
+    (flag, env var or file), never any part of the value."""
+
+    status, type = 503, "bad_key"
+    default_hint = "Give the key alone, on one line, exactly as the Vast console shows it, and restart Vespa."
+
+
 class EndpointNotFound(VespaError):
     status, type = 404, "endpoint_not_found"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import difflib
 import getpass
 import json
 import os
@@ -27,7 +28,7 @@ from typing import IO, Iterator, NoReturn
 import requests
 
 from vespa import console, keys
-from vespa.errors import AutoscalerUnreachable, EndpointNotFound, KeyRejected, VespaError
+from vespa.errors import AutoscalerUnreachable, BadKey, EndpointNotFound, KeyRejected, VespaError
 from vespa.instances import INSTANCES, Instance
 from vespa.procs import stop
 
@@ -36,6 +37,9 @@ ADDON = REPO / "vespa_addon.py"
 DEFAULT_PORT = 8010
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 DEMO_READY_TIMEOUT_S = 30.0
+# How often the demo checks that its emulator still runs: a dead one would leave the proxy
+# answering 502 to everything.
+WATCH_INTERVAL_S = 0.5
 RULE = "=" * 60
 
 
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [options] [-- MITMPROXY_ARGS ...]",
         description="Vespa: a local proxy that makes a Vast.ai Serverless endpoint look like a plain HTTP server.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG,
+        epilog=EPILOG.format(key_file=key_file()),
     )
     g = p.add_argument_group("endpoint and keys (flags > environment > key files)")
     g.add_argument("--endpoint", metavar="NAME", help="endpoint name (or env VAST_ENDPOINT)")
@@ -94,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--account-key",
         metavar="KEY",
         help="account API key; Vespa fetches the endpoint key with it (or env VAST_ACCOUNT_KEY, "
-        "or the key file ~/.config/vastai/vast_api_key or ~/.vast_api_key)",
+        f"or the key file {key_file()} or ~/.vast_api_key)",
     )
-    g.add_argument("--list", action="store_true", help="list the account's endpoints and exit (needs the account key)")
+    g.add_argument(
+        "--list",
+        action="store_true",
+        help="list the account's endpoints and exit (needs the account key; asked for in a terminal)",
+    )
     g = p.add_argument_group("local proxy")
     g.add_argument("--port", type=int, metavar="PORT", help=f"port to listen on (default: {DEFAULT_PORT})")
     g.add_argument(
@@ -137,7 +145,7 @@ mitmproxy:
 
 interactive mode:
   With no endpoint or no key, and a terminal, Vespa asks for the account key (hidden), lists
-  the endpoints to choose from, and can save the key to ~/.config/vastai/vast_api_key (0600).
+  the endpoints to choose (by number or name), and can save the key to {key_file} (0600).
   Without a terminal, missing information is an error (exit status 2).
 
 examples:
@@ -145,6 +153,11 @@ examples:
   VAST_ACCOUNT_KEY=... scripts/run.sh --endpoint my-endpoint
   scripts/run.sh --list
 """
+
+
+def key_file() -> str:
+    """The account key file as hints name it: where `vastai set api-key` writes, XDG_CONFIG_HOME included."""
+    return keys.shown_path(keys.default_key_file())
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -179,11 +192,10 @@ def through_console(account: keys.Secret, name: str, console_url: str) -> Target
 
 
 def missing_info(resolved: keys.Resolved) -> UsageError:
-    key_file = "~/.config/vastai/vast_api_key"
     if resolved.endpoint is None and resolved.account_key is None and resolved.endpoint_key is None:
         return UsageError(
             "no endpoint and no key given, and no terminal to ask for them",
-            f"Pass --endpoint NAME and an account key (env VAST_ACCOUNT_KEY or the key file {key_file}), "
+            f"Pass --endpoint NAME and an account key (env VAST_ACCOUNT_KEY or the key file {key_file()}), "
             "or try Vespa without an account: scripts/run.sh --demo",
         )
     if resolved.endpoint is None:
@@ -195,7 +207,7 @@ def missing_info(resolved: keys.Resolved) -> UsageError:
     return UsageError(
         f"no key for endpoint '{resolved.endpoint.value}', and no terminal to ask for one",
         f"Set env VAST_ACCOUNT_KEY (account key) or VAST_API_KEY (endpoint key), or save the account key "
-        f"in {key_file} (chmod 600).",
+        f"in {key_file()} (chmod 600).",
     )
 
 
@@ -235,7 +247,7 @@ def check_port(host: str, port: int) -> None:
 
 
 class Interactive:
-    """The prompts of the user's brief: account key (hidden), endpoint by number, port, save."""
+    """The prompts of the user's brief: account key (hidden), endpoint by number or name, port, save."""
 
     def __init__(self, console_url: str, host: str) -> None:
         self.console_url = console_url
@@ -244,12 +256,14 @@ class Interactive:
     def run(self, resolved: keys.Resolved, name: str | None, port: int | None) -> tuple[Target, int]:
         print(f"{RULE}\n  Vespa - Interactive Setup\n{RULE}\n")
         account, endpoints = self.account_and_endpoints(resolved.account_key)
+        if not endpoints:
+            raise EndpointNotFound("this account has no endpoints", console.NO_ENDPOINTS_HINT)
         if name is None:
             name = self.pick(endpoints).name
         if port is None:
             port = self.ask_port()
         print(f"\nFetching endpoint API key for '{name}'...")
-        key = console.find_endpoint(endpoints, name).api_key
+        key = console.key_of(console.find_endpoint(endpoints, name))
         print("Successfully retrieved endpoint API key")
         if account.path is None:
             self.offer_to_save(account)
@@ -262,13 +276,13 @@ class Interactive:
         print("First, we need your Vast.ai account API key.")
         print(f"(Get it from: {self.console_url}/account)\n")
         for attempt in range(3):
-            typed = getpass.getpass("Enter account API key: ").strip()
-            if not typed:
+            typed = getpass.getpass("Enter account API key: ")
+            if not typed.strip():
                 continue
-            secret = keys.Secret(typed, "the prompt", keys.FLAG)
             try:
+                secret = keys.Secret(keys.clean_key(typed, "the prompt", kind="account key"), "the prompt", keys.FLAG)
                 return secret, self.fetch(secret)
-            except KeyRejected as exc:
+            except (KeyRejected, BadKey) as exc:
                 if attempt == 2:
                     raise
                 print(f"error: {exc.message}\nhint: {exc.hint}\n")
@@ -276,20 +290,29 @@ class Interactive:
 
     def fetch(self, account: keys.Secret) -> list[console.Endpoint]:
         print("\nFetching your endpoints...")
-        endpoints = console.list_endpoints(account.value, self.console_url)
-        if not endpoints:
-            raise EndpointNotFound("this account has no endpoints", console.NO_ENDPOINTS_HINT)
-        return endpoints
+        return console.list_endpoints(account.value, self.console_url)
 
     def pick(self, endpoints: list[console.Endpoint]) -> console.Endpoint:
         print(f"\nAvailable endpoints ({len(endpoints)}):")
         for i, ep in enumerate(endpoints, 1):
             print(f"  {i}. {ep.name}  ({ep.state})")
+        n = len(endpoints)
+        # With one endpoint there is nothing to choose: Enter takes it, as the [default] says.
+        prompt = f"Select endpoint (1 or its name) [{endpoints[0].name}]: " if n == 1 else (
+            f"Select endpoint (1-{n} or a name): "
+        )
         while True:
-            answer = input(f"\nSelect endpoint [1-{len(endpoints)}]: ").strip()
-            if answer.isdigit() and 1 <= int(answer) <= len(endpoints):
+            answer = input(f"\n{prompt}").strip()
+            if not answer and n == 1:
+                return endpoints[0]
+            if answer.isdigit() and 1 <= int(answer) <= n:
                 return endpoints[int(answer) - 1]
-            print(f"Please enter a number from 1 to {len(endpoints)}.")
+            for ep in endpoints:
+                if ep.name == answer:
+                    return ep
+            close = difflib.get_close_matches(answer, [ep.name for ep in endpoints], n=1, cutoff=0.5)
+            suggestion = f" Did you mean '{close[0]}'? (names are case-sensitive)" if answer and close else ""
+            print(f"Please enter a number from 1 to {n} or an endpoint name.{suggestion}")
 
     def ask_port(self) -> int:
         while True:
@@ -393,6 +416,27 @@ def mitm_env(proxy: Proxy) -> dict[str, str]:
     return env
 
 
+def examples(proxy: Proxy, model: str) -> None:
+    """What to paste into another terminal: the same for the demo and a real endpoint."""
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
+    print(f"Base URL: {proxy.url}   (OpenAI-style: {proxy.url}/v1)\n")
+    print("Try it from another terminal:\n")
+    print(f"  curl --no-buffer {proxy.url}/v1/chat/completions \\")
+    print("    -H 'Content-Type: application/json' \\")
+    print(f"    -d '{body}'\n")
+    print(f"""  # with the openai package (pip install openai):
+  python3 - <<'EOF'
+  from openai import OpenAI
+  client = OpenAI(base_url="{proxy.url}/v1", api_key="not-used")
+  stream = client.chat.completions.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], stream=True)
+  for chunk in stream:
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+  print()
+  EOF
+""", flush=True)
+
+
 def banner(proxy: Proxy) -> None:
     print(f"\n{RULE}")
     print(f"  Starting proxy for: {proxy.target.endpoint}")
@@ -409,6 +453,9 @@ def start_proxy(proxy: Proxy) -> NoReturn:
     a key flag) is replaced by mitmproxy's."""
     cmd = mitm_command(proxy)
     banner(proxy)
+    examples(proxy, "any")
+    print(f"Use the model your endpoint serves (curl {proxy.url}/v1/models lists it on LLM workers).")
+    print("Ctrl-C stops the proxy.\n", flush=True)
     sys.stderr.flush()
     os.execve(cmd[0], cmd, mitm_env(proxy))
 
@@ -419,13 +466,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> int:
-    """Run mitmproxy in its own session so one Ctrl-C reaches it once, through us."""
+def run_child(cmd: list[str], env: dict[str, str], watch: Demo | None = None) -> int:
+    """Run mitmproxy in its own session so one Ctrl-C reaches it once, through us.
+
+    With `watch`, mitmproxy is stopped and LaunchError raised as soon as that process exits:
+    a proxy whose emulator is gone could only answer 502.
+    """
     child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        return child.wait()
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=None if watch is None else WATCH_INTERVAL_S)
+            if watch is not None and watch.proc.poll() is not None:
+                raise watch.died()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -433,44 +488,81 @@ def run_child(cmd: list[str], env: dict[str, str]) -> int:
 
 
 # --- --list -------------------------------------------------------------------------------------
-def list_endpoints(resolved: keys.Resolved, urls: Instance) -> int:
+def list_endpoints(resolved: keys.Resolved, urls: Instance, host: str) -> int:
     account = resolved.account_key
-    if account is None:
-        endpoint_key_note = (
-            f" The key in {resolved.endpoint_key.source} is read as an endpoint key, which cannot list endpoints."
-            if resolved.endpoint_key
-            else ""
-        )
+    endpoint_key_note = (
+        f"The key in {resolved.endpoint_key.source} is read as an endpoint key, which cannot list endpoints."
+        if resolved.endpoint_key
+        else ""
+    )
+    if account is None and sys.stdin.isatty():
+        if endpoint_key_note:
+            say(f"note: {endpoint_key_note}")
+        ask = Interactive(urls.console_url, host)
+        account, endpoints = ask.account_and_endpoints(None)
+    elif account is None:
         raise UsageError(
-            "--list needs your account key",
-            "Pass --account-key, set env VAST_ACCOUNT_KEY, or save it in ~/.config/vastai/vast_api_key."
-            + endpoint_key_note,
+            "--list needs your account key, and there is no terminal to ask for it",
+            f"Pass --account-key, set env VAST_ACCOUNT_KEY, or save it in {key_file()}. " + endpoint_key_note,
         )
-    say(f"Listing endpoints with the account key from {account.describe()} ...")
-    endpoints = console.list_endpoints(account.value, urls.console_url)
+    else:
+        say(f"Listing endpoints with the account key from {account.describe()} ...")
+        endpoints = console.list_endpoints(account.value, urls.console_url)
+        ask = None
+    print_endpoints(endpoints, account, urls)
+    if ask is not None and endpoints:
+        ask.offer_to_save(account)
+    return 0
+
+
+def print_endpoints(endpoints: list[console.Endpoint], account: keys.Secret, urls: Instance) -> None:
     if not endpoints:
         print(f"No endpoints found for this account on {urls.console_url}.")
         say(
             f"hint: create one at {urls.console_url}/endpoints, check that {account.describe()} is the account "
             "key (not an endpoint key), or pick the right deployment with --instance alpha|candidate."
         )
-        return 0
+        return
     width = max(len("NAME"), *(len(ep.name) for ep in endpoints))
     print(f"Available endpoints ({len(endpoints)}):")
     print(f"  {'NAME':<{width}}  {'STATE':<10}  MAX WORKERS")
     for ep in endpoints:
         max_workers = "-" if ep.max_workers is None else ep.max_workers
         print(f"  {ep.name:<{width}}  {ep.state:<10}  {max_workers}")
-    return 0
 
 
 # --- --demo -------------------------------------------------------------------------------------
+EMULATOR_CMD = ["-m", "vespa.emulator", "--cold-start", "3", "--https"]
+
+
+@dataclass
+class Demo:
+    """The running emulator: its ready line, and its stderr for when it dies."""
+
+    proc: subprocess.Popen
+    ready: dict
+    err: IO[bytes]
+
+    def died(self) -> LaunchError:
+        return LaunchError(
+            f"the demo emulator exited (status {self.proc.returncode}); the proxy was stopped, "
+            f"as it could only answer 502{_tail(self.err)}",
+            f"Start the demo again; to see why it stopped, run it by hand: {sys.executable} {' '.join(EMULATOR_CMD)}",
+        )
+
+
+def _tail(err: IO[bytes]) -> str:
+    err.seek(0)
+    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    return ":\n  " + "\n  ".join(tail) if tail else ""
+
+
 @contextlib.contextmanager
-def emulator() -> Iterator[dict]:
-    """The local emulator as a child, yielding its ready line; stopped on the way out."""
+def emulator() -> Iterator[Demo]:
+    """The local emulator as a child, ready; stopped on the way out."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vespa.emulator", "--cold-start", "3", "--https"],
+            [sys.executable, *EMULATOR_CMD],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -479,7 +571,7 @@ def emulator() -> Iterator[dict]:
             preexec_fn=_die_with_parent,
         )
         try:
-            yield _ready_line(proc, out, err)
+            yield Demo(proc, _ready_line(proc, out, err), err)
         finally:
             stop(proc, timeout=5.0)
 
@@ -496,41 +588,21 @@ def _ready_line(proc: subprocess.Popen, out: IO[bytes], err: IO[bytes]) -> dict:
             except ValueError:
                 break
         time.sleep(0.05)
-    err.seek(0)
-    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
     raise LaunchError(
-        "the demo emulator did not start" + (":\n  " + "\n  ".join(tail) if tail else ""),
-        f"Try it by hand: {sys.executable} -m vespa.emulator --cold-start 3 --https",
+        "the demo emulator did not start" + _tail(err),
+        f"Try it by hand: {sys.executable} {' '.join(EMULATOR_CMD)}",
     )
-
-
-def demo_examples(proxy: Proxy) -> None:
-    body = '{"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'
-    print(f"Base URL: {proxy.url}   (OpenAI-style: {proxy.url}/v1)\n")
-    print("Try it from another terminal:\n")
-    print(f"  curl --no-buffer {proxy.url}/v1/chat/completions \\")
-    print("    -H 'Content-Type: application/json' \\")
-    print(f"    -d '{body}'\n")
-    print(f"""  # with the openai package (pip install openai):
-  python3 - <<'EOF'
-  from openai import OpenAI
-  client = OpenAI(base_url="{proxy.url}/v1", api_key="not-used")
-  stream = client.chat.completions.create(
-      model="demo", messages=[{{"role": "user", "content": "Hello!"}}], stream=True)
-  for chunk in stream:
-      print(chunk.choices[0].delta.content or "", end="", flush=True)
-  print()
-  EOF
-""")
-    print("The demo endpoint has a 3 s cold start: the first request waits for a worker.")
-    print("Ctrl-C stops the proxy and the emulator.\n", flush=True)
 
 
 def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     port = args.port or DEFAULT_PORT
     check_port(args.host, port)
     say("Starting the local Vast emulator ...")
-    with emulator() as ready:
+    # Each emulator run makes a new root CA for its workers, so the proxy's worker-CA cache
+    # (vespa/workerca.py) could never reuse it: the demo's mitmproxy gets a cache of its own,
+    # removed with the run, instead of leaving a CA and a bundle behind in ~/.cache every time.
+    with emulator() as demo, tempfile.TemporaryDirectory(prefix="vespa-demo-cache-") as cache:
+        ready = demo.ready
         account = keys.Secret(ready["account_key"], "the demo emulator", keys.FLAG)
         name = args.endpoint or ready["endpoints"][0]["name"]
         target = through_console(account, name, ready["console_url"])
@@ -540,8 +612,10 @@ def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
         preflight(proxy)
         cmd = mitm_command(proxy)
         banner(proxy)
-        demo_examples(proxy)
-        return run_child(cmd, mitm_env(proxy))
+        examples(proxy, "demo")
+        print("The demo endpoint has a 3 s cold start: the first request waits for a worker.")
+        print("Ctrl-C stops the proxy and the emulator.\n", flush=True)
+        return run_child(cmd, {**mitm_env(proxy), "XDG_CACHE_HOME": cache}, watch=demo)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -553,14 +627,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.account_key or args.api_key:
         say(
             "note: a key given as a flag is visible to other local users in `ps` while Vespa starts; "
-            "prefer env VAST_ACCOUNT_KEY / VAST_API_KEY or the key file ~/.config/vastai/vast_api_key."
+            f"prefer env VAST_ACCOUNT_KEY / VAST_API_KEY or the key file {key_file()}."
         )
     urls = service_urls(args)
     resolved = keys.resolve(account_key=args.account_key, api_key=args.api_key, endpoint=args.endpoint)
     for warning in resolved.warnings:
         say(f"warning: {warning}")
     if args.list:
-        return list_endpoints(resolved, urls)
+        return list_endpoints(resolved, urls, args.host)
     target, port = choose_target(args, resolved, urls)
     check_port(args.host, port)
     proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra, urls.console_url)
@@ -579,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc.message}")
         if exc.hint:
             say(f"hint: {exc.hint}")
-        return 2 if isinstance(exc, UsageError) else 1
+        # A malformed key is the caller's to fix, like a missing one.
+        return 2 if isinstance(exc, (UsageError, BadKey)) else 1
     except (KeyboardInterrupt, EOFError):
         say("\nInterrupted.")
         return 130
