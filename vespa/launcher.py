@@ -32,6 +32,7 @@ from vespa.instances import INSTANCES, Instance
 from vespa.procs import stop
 
 REPO = Path(__file__).resolve().parent.parent
+# The checkout, or site-packages when installed: pyproject.toml installs vespa_addon.py there too.
 ADDON = REPO / "vespa_addon.py"
 DEFAULT_PORT = 8010
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
