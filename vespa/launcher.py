@@ -134,7 +134,7 @@ EPILOG = """\
 mitmproxy:
   -- ARGS              everything after -- goes to mitmdump/mitmweb, e.g. -- -w flows.mitm,
                        or Vespa's own options: -- --set vespa_route_deadline_s=900
-                       (all of them: README.md, "Running the addon by hand" and "Reliability")
+                       (all of them: docs/OPTIONS.md)
 
 interactive mode:
   With no endpoint or no key, and a terminal, Vespa asks for the account key (hidden), lists
