@@ -33,6 +33,7 @@ from vespa.instances import INSTANCES, Instance
 from vespa.procs import stop
 
 REPO = Path(__file__).resolve().parent.parent
+# The checkout, or site-packages when installed: pyproject.toml installs vespa_addon.py there too.
 ADDON = REPO / "vespa_addon.py"
 DEFAULT_PORT = 8010
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -141,7 +142,7 @@ EPILOG = """\
 mitmproxy:
   -- ARGS              everything after -- goes to mitmdump/mitmweb, e.g. -- -w flows.mitm,
                        or Vespa's own options: -- --set vespa_route_deadline_s=900
-                       (all of them: README.md, "Running the addon by hand" and "Reliability")
+                       (all of them: docs/OPTIONS.md)
 
 interactive mode:
   With no endpoint or no key, and a terminal, Vespa asks for the account key (hidden), lists
