@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import statistics
 import time
@@ -187,6 +188,37 @@ def test_worker_faults_act_on_the_address_clients_use(plain: Emulator) -> None:
     finally:
         worker.faults.refuse = False
     fresh_request(plain, auth)()  # and served again at the same address
+
+
+def test_a_reset_and_a_client_disconnect_cross_the_wan(plain: Emulator) -> None:
+    auth = route(plain)
+    worker = next(w for w in plain.workers("far") if w.url == auth["url"])
+    worker.faults.reset_before_headers = True
+    body = json.dumps({"auth_data": auth, "payload": ECHO}).encode()
+    u = urlsplit(auth["url"])
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (u.netloc.encode(), len(body), body))
+            # An RST, as a crashing worker sends: not the clean end (b"") of a closed connection.
+            with pytest.raises(ConnectionResetError):
+                sock.recv(65536)
+    finally:
+        worker.faults.reset_before_headers = False
+
+    plain.config.tokens_per_s = 50.0  # a stream of seconds, still running when the client leaves
+    try:
+        conn = connect(plain, auth["url"])
+        resp = post(conn, auth, dict(ECHO, max_tokens=200, stream=True))
+        resp.readline()
+        conn.close()  # closes the response too, so the socket really goes
+        record = plain.records.worker[-1]
+        deadline = time.monotonic() + 2
+        while not record.client_disconnected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert record.client_disconnected  # so the worker stops generating, as without the WAN
+    finally:
+        plain.config.tokens_per_s = 1e6
 
 
 def test_the_flag_sets_the_knob_and_a_negative_delay_is_refused() -> None:
