@@ -1,9 +1,10 @@
-"""`python -m bench [--quick]`: measure Vespa against its baselines, in one run, on this machine.
+"""`python -m bench [--quick] [--phases a,b]`: measure Vespa against its baselines, in one run, on this machine.
 
 Starts the emulator (own process), bare mitmdump (twice: buffering as configured, and with
 `stream_large_bodies=1` so SSE streams) and Vespa with the launcher's command, runs every
-phase, and writes bench/results/results.{json,md,png}. Use bench/run.sh, which installs
-bench/requirements.txt first.
+phase (or those named by --phases), and writes bench/results/results.{json,md,png}. The
+phases `wan` and `https` (bench/conn_phases.py) start emulators and Vespas of their own.
+Use bench/run.sh, which installs bench/requirements.txt first.
 """
 
 from __future__ import annotations
@@ -25,11 +26,23 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bench import load, phases, proxies
+from bench import conn_phases, load, phases, proxies
 from bench.emu_proc import EmulatorProcess
 from bench.relay import CountingRelay
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Phase names as --phases takes them, in running order; the first six share one emulator.
+SHARED_PHASES = ("latency", "sse", "rss", "large", "cold", "connections")
+OWN_PHASES = ("wan", "https")
+PHASES = SHARED_PHASES + OWN_PHASES
+
+
+def phase_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PHASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PHASES)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_const", dest="plan", const="quick", default="full",
                    help="small counts (about a minute): for development, not for the README")
     p.add_argument("--plan", choices=sorted(phases.PLANS), default="full", help="counts to use (default: %(default)s)")
+    p.add_argument("--phases", type=phase_list, default=list(PHASES), metavar="A,B",
+                   help=f"run only these phases (default: all of {','.join(PHASES)})")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: bench/results)")
     p.add_argument("--profile", action="store_true",
                    help="also record Vespa's mitmdump with py-spy during the small-request phase (profile-vespa.txt)")
@@ -65,8 +80,23 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-async def run(plan: phases.Plan, profile_to: Path | None) -> dict[str, Any]:
+async def run(plan: phases.Plan, profile_to: Path | None, selected: list[str] | None = None) -> dict[str, Any]:
+    selected = list(PHASES) if selected is None else selected
     results: dict[str, Any] = {"machine": machine(), "plan": dataclasses.asdict(plan)}
+    if any(p in selected for p in SHARED_PHASES):
+        await shared_phases(plan, profile_to, selected, results)
+    if "wan" in selected:
+        log(f"WAN, {conn_phases.WAN_DELAY_MS:g} ms one way, {conn_phases.WAN_WORKERS} HTTPS workers, "
+            f"{plan.wan_requests} sequential requests per path ...")
+        results["wan"] = await conn_phases.wan(plan)
+    if "https" in selected:
+        log("loopback, HTTPS workers against plain-HTTP workers ...")
+        results["https_loopback"] = await conn_phases.https_loopback(plan)
+    return results
+
+
+async def shared_phases(plan: phases.Plan, profile_to: Path | None, selected: list[str], results: dict[str, Any]) -> None:
+    """The phases of issue 8: one emulator, bare mitmproxy and Vespa for all of them."""
     with contextlib.ExitStack() as stack:
         emu = stack.enter_context(EmulatorProcess())
         info = emu.info
@@ -82,26 +112,31 @@ async def run(plan: phases.Plan, profile_to: Path | None) -> dict[str, Any]:
             t.auth_data = await t.route(s)
         emu.configure(ttft_ms=0, tokens_per_s=1e6)
 
-        log("latency and throughput of small requests ...")
-        with profiling(vespa, profile_to):
-            results["latency"] = await phases.latency(t, plan, {"vespa": vespa.proc.pid, "bare-mitm": bare.proc.pid})
-        emu.clear_records()
-        log("SSE time to first token and inter-token gaps ...")
-        results["sse"] = await phases.sse(t, emu, plan)
-        emu.clear_records()
-        log(f"RSS with {plan.rss_streams} concurrent streams ...")
-        results["rss_streams"] = await phases.rss_streams(t, emu, plan, {"vespa": vespa, "bare-mitm-stream": bare_stream})
-        emu.clear_records()
-        log(f"RSS while streaming {plan.large_bytes >> 20} MiB ...")
-        results["large"] = await phases.large(t, plan, vespa)
-        emu.clear_records()
-        log("cold start ...")
-        emu.configure(ttft_ms=0, tokens_per_s=1e6)
-        results["cold"] = await phases.cold_start(t, emu, plan)
-        emu.clear_records()
-        log(f"connections to the autoscaler for {plan.sequential} sequential requests ...")
-        results["connections"] = await connections(t, plan, info.console_url)
-    return results
+        if "latency" in selected:
+            log("latency and throughput of small requests ...")
+            with profiling(vespa, profile_to):
+                results["latency"] = await phases.latency(t, plan, {"vespa": vespa.proc.pid, "bare-mitm": bare.proc.pid})
+            emu.clear_records()
+        if "sse" in selected:
+            log("SSE time to first token and inter-token gaps ...")
+            results["sse"] = await phases.sse(t, emu, plan)
+            emu.clear_records()
+        if "rss" in selected:
+            log(f"RSS with {plan.rss_streams} concurrent streams ...")
+            results["rss_streams"] = await phases.rss_streams(t, emu, plan, {"vespa": vespa, "bare-mitm-stream": bare_stream})
+            emu.clear_records()
+        if "large" in selected:
+            log(f"RSS while streaming {plan.large_bytes >> 20} MiB ...")
+            results["large"] = await phases.large(t, plan, vespa)
+            emu.clear_records()
+        if "cold" in selected:
+            log("cold start ...")
+            emu.configure(ttft_ms=0, tokens_per_s=1e6)
+            results["cold"] = await phases.cold_start(t, emu, plan)
+            emu.clear_records()
+        if "connections" in selected:
+            log(f"connections to the autoscaler for {plan.sequential} sequential requests ...")
+            results["connections"] = await connections(t, plan, info.console_url)
 
 
 async def connections(t: load.Targets, plan: phases.Plan, console_url: str) -> dict[str, Any]:
@@ -155,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = phases.PLANS[args.plan]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results = asyncio.run(run(plan, args.out / "profile-vespa.txt" if args.profile else None))
+    results = asyncio.run(run(plan, args.out / "profile-vespa.txt" if args.profile else None, args.phases))
     results["wall_s"] = time.monotonic() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     from bench import report
@@ -163,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     md = report.markdown(results)
     (args.out / "results.md").write_text(md)
     try:
-        report.plot(results, args.out / "results.png")
+        if not report.plot(results, args.out / "results.png"):
+            log(f"no results.png: it needs the phases {', '.join(report.PLOTTED)}")
     except ImportError:
         log("matplotlib is missing, so no results.png: bench/run.sh installs bench/requirements.txt")
     print(md)

@@ -24,15 +24,26 @@ class EmuInfo:
     worker_urls: list[str]
     endpoint: str
     api_key: str
+    ca_pem: bytes = b""  # the workers' root CA (they use it only with https)
 
 
-def _serve(conn: Connection) -> None:
+@dataclass(frozen=True)
+class EmuOptions:
+    workers: int = 2
+    https: bool = False
+    wan_delay_ms: float = 0.0
+
+
+def _serve(conn: Connection, options: EmuOptions) -> None:
     from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
 
     # A generous queue: the 200-stream phase must measure the proxy, not the worker's 429s.
-    ep = EndpointConfig(name=ENDPOINT, workers=2, generation="C", max_perf=1e6, max_queue_time=1e6)
-    with Emulator(EmulatorConfig(endpoints=[ep], console_rate_limit=None)) as emu:
-        conn.send(EmuInfo(emu.autoscaler_url, emu.console_url, emu.backend_url, [w.url for w in emu.workers(ENDPOINT)], ENDPOINT, ep.api_key))
+    ep = EndpointConfig(name=ENDPOINT, workers=options.workers, generation="C", max_perf=1e6, max_queue_time=1e6)
+    config = EmulatorConfig(endpoints=[ep], console_rate_limit=None, https=options.https,
+                            wan_delay_ms=options.wan_delay_ms)
+    with Emulator(config) as emu:
+        conn.send(EmuInfo(emu.autoscaler_url, emu.console_url, emu.backend_url, [w.url for w in emu.workers(ENDPOINT)],
+                          ENDPOINT, ep.api_key, emu.ca.pem()))
         while True:
             cmd, args = conn.recv()
             if cmd == "stop":
@@ -56,10 +67,10 @@ def _serve(conn: Connection) -> None:
 class EmulatorProcess:
     """`with EmulatorProcess() as emu:` starts the emulator in a spawned process."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: EmuOptions = EmuOptions()) -> None:
         ctx = mp.get_context("spawn")  # fork after threads exist is unsafe
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child,), name="bench-emulator", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, options), name="bench-emulator", daemon=True)
         self.info: EmuInfo | None = None
 
     def __enter__(self) -> EmulatorProcess:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -81,12 +82,21 @@ class Targets:
         }[path]
 
 
-def session(limit: int, force_close: bool = False) -> aiohttp.ClientSession:
+def session(limit: int, force_close: bool = False, ssl_context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    """force_close: a new connection per request, as curl or `requests.post` would open."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, force_close=force_close),
+        connector=aiohttp.TCPConnector(limit=limit, force_close=force_close, ssl=ssl_context or True),
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=600),
     )
+
+
+def worker_ssl_context(ca_pem: bytes) -> ssl.SSLContext:
+    """Trusts the emulator's worker CA; like Vast's SDK, without Python 3.13's strict X.509 mode,
+    which rejects Vast's root (see vespa/emulator/tls.py)."""
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
 
 
 async def echo_once(send: Send, s: aiohttp.ClientSession) -> float:

@@ -41,19 +41,23 @@ class Plan:
     cold_clients: int
     cold_s: float
     sequential: int
+    wan_requests: int  # per path, sequential, across the WAN (bench/conn_phases.py)
 
 
 PLANS = {
     "full": Plan("full", {1: 300, 16: 960, 64: 1280}, rounds=4, sse_streams=32, sse_concurrency=4, sse_tokens=16,
                  sse_ttft_ms=100, sse_tokens_per_s=50, rss_streams=200, rss_tokens=12, rss_tokens_per_s=4,
-                 large_bytes=1 << 30, cold_windows=3, cold_clients=4, cold_s=5, sequential=1000),
+                 large_bytes=1 << 30, cold_windows=3, cold_clients=4, cold_s=5, sequential=1000,
+                 wan_requests=100),
     "quick": Plan("quick", {1: 60, 16: 160, 64: 256}, rounds=2, sse_streams=8, sse_concurrency=4, sse_tokens=12,
                   sse_ttft_ms=100, sse_tokens_per_s=50, rss_streams=50, rss_tokens=8, rss_tokens_per_s=4,
-                  large_bytes=64 << 20, cold_windows=1, cold_clients=3, cold_s=2.5, sequential=100),
+                  large_bytes=64 << 20, cold_windows=1, cold_clients=3, cold_s=2.5, sequential=100,
+                  wan_requests=30),
     # For the smoke test: every phase runs, nothing is worth reading.
     "tiny": Plan("tiny", {1: 4, 16: 16, 64: 64}, rounds=1, sse_streams=2, sse_concurrency=2, sse_tokens=3,
                  sse_ttft_ms=20, sse_tokens_per_s=200, rss_streams=4, rss_tokens=3, rss_tokens_per_s=20,
-                 large_bytes=1 << 20, cold_windows=1, cold_clients=1, cold_s=0.5, sequential=5),
+                 large_bytes=1 << 20, cold_windows=1, cold_clients=1, cold_s=0.5, sequential=5,
+                 wan_requests=3),
 }
 
 

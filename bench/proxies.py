@@ -27,8 +27,11 @@ BARE_OPTIONS = ("connection_strategy=lazy", "flow_detail=0")
 
 @contextlib.contextmanager
 def vespa_proxy(
-    autoscaler_url: str, console_url: str, endpoint: str, api_key: str, strategy: str = "lazy"
+    autoscaler_url: str, console_url: str, endpoint: str, api_key: str, strategy: str = "lazy",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Proc]:
+    """`env` adds to the launcher's environment (e.g. XDG_CACHE_HOME, so the worker CA the addon
+    downloads for HTTPS workers lands in a throw-away folder)."""
     port = free_port()
     known = {
         "target": launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
@@ -40,7 +43,7 @@ def vespa_proxy(
     # `strategy` swaps the launcher's choice in place (a second --set of it would be refused),
     # to show what the other choice would cost.
     cmd = [f"connection_strategy={strategy}" if a == "connection_strategy=lazy" else a for a in launcher.mitm_command(proxy)]
-    with _run(cmd, launcher.mitm_env(proxy), port) as p:
+    with _run(cmd, launcher.mitm_env(proxy) | (env or {}), port) as p:
         yield p
 
 

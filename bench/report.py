@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.conn_phases import HTTPS_PATHS, WAN_PATHS
 from bench.phases import LATENCY_PATHS, SSE_PATHS
 
 
@@ -40,8 +41,29 @@ def _diff(a: dict[str, float], b: dict[str, float], *minus: dict[str, float]) ->
 
 
 def figures(r: dict[str, Any]) -> list[Figure]:
+    """Headline figures of the phases present in `r` (--phases may have run only some)."""
     out: list[Figure] = []
-    lat = r["latency"]
+    if "latency" in r:
+        out += _latency_figures(r["latency"])
+    if "sse" in r:
+        out += _sse_figures(r["sse"]["paths"])
+    if "rss_streams" in r:
+        out += _rss_figures(r["rss_streams"])
+    if "large" in r:
+        out += _large_figures(r["large"])
+    if "cold" in r:
+        out += _cold_figures(r["cold"])
+    if "connections" in r:
+        out += _connection_figures(r["connections"])
+    if "wan" in r:
+        out += _wan_figures(r["wan"])
+    if "https_loopback" in r:
+        out += _https_figures(r["https_loopback"])
+    return out
+
+
+def _latency_figures(lat: dict[str, Any]) -> list[Figure]:
+    out: list[Figure] = []
     for c, paths in lat.items():
         mitm = _diff(paths["bare-mitm"], paths["direct-backend"])
         route = _diff(paths["two-step"], paths["direct-worker"])
@@ -64,9 +86,12 @@ def figures(r: dict[str, Any]) -> list[Figure]:
         if v is not None and b is not None:
             out.append(Figure(f"c={c}: proxy CPU per request, vespa − bare-mitm (vespa total in p99 column)", v - b, v,
                               "ms"))
-    sse = r["sse"]["paths"]
+    return out
+
+
+def _sse_figures(sse: dict[str, Any]) -> list[Figure]:
     ttft = _diff(sse["vespa"]["ttft"], sse["two-step"]["ttft"])
-    out += [
+    return [
         Figure("SSE: route call (two-step − direct-worker TTFT)", *_diff(sse["two-step"]["ttft"], sse["direct-worker"]["ttft"]), "ms"),
         Figure("SSE: Vespa TTFT − (direct + route call) = vespa − two-step", *ttft, "ms", "≤ 3 ms", ttft[0] <= 3.0),
         Figure("SSE: inter-token gap, vespa − direct-worker", *_diff(sse["vespa"]["gap"], sse["direct-worker"]["gap"]), "ms",
@@ -74,25 +99,31 @@ def figures(r: dict[str, Any]) -> list[Figure]:
         Figure("SSE: bare mitmproxy, buffering (default) TTFT − direct-backend",
                *_diff(sse["bare-mitm"]["ttft"], sse["direct-backend"]["ttft"]), "ms"),
     ]
-    rs = r["rss_streams"]
+
+
+def _rss_figures(rs: dict[str, Any]) -> list[Figure]:
     v, b = rs["vespa"], rs["bare-mitm-stream"]
-    out += [
+    return [
         Figure(f"RSS, {v['streams']} concurrent streams: Vespa growth over idle (peak total in p99 column)",
                v["growth_mb"], v["peak_mb"], "MB", "total ≤ 250 MB", v["peak_mb"] <= 250),
         Figure(f"RSS, {b['streams']} concurrent streams: bare mitmproxy growth (peak total)", b["growth_mb"], b["peak_mb"], "MB"),
     ]
-    lg = r["large"]
-    out += [
+
+
+def _large_figures(lg: dict[str, Any]) -> list[Figure]:
+    return [
         Figure(f"RSS while streaming {lg['bytes'] >> 20} MiB through Vespa: growth (peak total)", lg["growth_mb"],
                lg["peak_mb"], "MB", "growth ≤ 50 MB", lg["growth_mb"] <= 50),
         Figure("Large download throughput, vespa / direct-worker", lg["vespa_mb_s"] / lg["direct_worker_mb_s"], None,
                "ratio"),
     ]
-    cold = r["cold"]
+
+
+def _cold_figures(cold: dict[str, Any]) -> list[Figure]:
     fb = cold["first_byte_after_ready_ms"]
     polls = cold["polls_per_s"]
     steady = cold["polls_per_s_after_1s"]
-    out += [
+    return [
         Figure(f"Cold start ({cold['cold_s']:g} s): first byte after the worker turns ready", fb["p50"], fb["p99"], "ms",
                "median ≤ 1000 ms", fb["p50"] <= 1000),
         Figure("Cold start: route polls per second per request, whole wait", polls["p50"], polls["p99"], "1/s"),
@@ -100,13 +131,46 @@ def figures(r: dict[str, Any]) -> list[Figure]:
                steady["p50"] if steady else None, steady["p99"] if steady else None, "1/s", "about 1",
                steady["p50"] <= 1.25 if steady else None),
     ]
-    cn = r["connections"]
+
+
+def _connection_figures(cn: dict[str, Any]) -> list[Figure]:
+    out: list[Figure] = []
     out.append(Figure(f"Connections to the autoscaler for {cn['requests']} sequential requests, a new client "
                       "connection each: vespa (two-step with a pooled client)", cn["vespa"], cn["two-step"], "count",
                       "1, or a few", cn["vespa"] <= 3))
     if "vespa-eager" in cn:
         out.append(Figure("… the same with connection_strategy=eager (mitmproxy's default)", cn["vespa-eager"], None,
                           "count"))
+    return out
+
+
+def _wan_figures(wan: dict[str, Any]) -> list[Figure]:
+    p = wan["paths"]
+    where = f"WAN {wan['delay_ms']:g} ms one way, {wan['workers']} HTTPS workers, sequential"
+    fresh, kept, limit = p["vespa-fresh"], p["vespa-kept"], p["two-step"]
+    return [
+        Figure(f"{where}: Vespa, a new client connection per request", fresh["p50_rtt"], fresh["p99_rtt"], "RTT",
+               "p50 ≤ 2.4", fresh["p50_rtt"] <= 2.4),
+        Figure(f"{where}: Vespa, one kept-alive client connection", kept["p50_rtt"], kept["p99_rtt"], "RTT",
+               "p50 ≤ 2.3, p99 ≤ 2.6", kept["p50_rtt"] <= 2.3 and kept["p99_rtt"] <= 2.6),
+        Figure(f"{where}: two-step by hand, one pooled session (the limit)", limit["p50_rtt"], limit["p99_rtt"], "RTT"),
+    ]
+
+
+def _https_figures(h: dict[str, Any]) -> list[Figure]:
+    out: list[Figure] = []
+    for client, label in (("fresh", "a new client connection per request"), ("kept", "kept-alive clients")):
+        c16, c1 = h[client]["16"], h[client]["1"]
+        plain, tls = c16["vespa-http"], c16["vespa-https"]
+        ratios = [a / b for a, b in zip(tls["rps_rounds"], plain["rps_rounds"])]
+        overall = tls["rps"] / plain["rps"]
+        lat = _diff(c1["vespa-https"], c1["vespa-http"])
+        out += [
+            Figure(f"Loopback, {label}: c=16 throughput, HTTPS / plain-HTTP workers (overall; worst round)",
+                   overall, min(ratios), "ratio", "≥ 0.90", overall >= 0.9),
+            Figure(f"Loopback, {label}: c=1 latency, HTTPS − plain-HTTP workers", *lat, "ms", "p50 ≤ 0.5 ms",
+                   lat[0] <= 0.5),
+        ]
     return out
 
 
@@ -122,17 +186,34 @@ def markdown(r: dict[str, Any]) -> str:
         "| figure | p50 | p99 | unit | target | |",
         "|---|---|---|---|---|---|",
         *(f.row() for f in figures(r)),
+    ]
+    if "latency" in r:
+        lines += _latency_table(r["latency"])
+    if "sse" in r:
+        lines += _sse_table(r["sse"])
+    if "wan" in r:
+        lines += _wan_table(r["wan"])
+    if "https_loopback" in r:
+        lines += _https_table(r["https_loopback"])
+    return "\n".join(lines) + "\n"
+
+
+def _latency_table(lat: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "Small non-streamed requests (`POST /echo`), latency p50 / p99 in ms and requests/s:",
         "",
         "| concurrency | " + " | ".join(LATENCY_PATHS) + " |",
         "|---|" + "---|" * len(LATENCY_PATHS),
     ]
-    for c, paths in r["latency"].items():
+    for c, paths in lat.items():
         cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in LATENCY_PATHS]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    sse = r["sse"]
-    lines += [
+    return lines
+
+
+def _sse_table(sse: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         f"SSE ({sse['tokens']} tokens, backend TTFT {sse['ttft_ms_config']:g} ms, one token every "
         f"{sse['gap_ms_config']:g} ms), p50 / p99 in ms:",
@@ -143,10 +224,49 @@ def markdown(r: dict[str, Any]) -> str:
     for what in ("ttft", "gap"):
         cells = [f"{_n(sse['paths'][p][what]['p50'])} / {_n(sse['paths'][p][what]['p99'])}" for p in SSE_PATHS]
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(r: dict[str, Any], path: Path) -> None:
+def _wan_table(wan: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Across a WAN of {wan['delay_ms']:g} ms one way (RTT {wan['rtt_ms']:g} ms), {wan['workers']} HTTPS workers, "
+        "sequential `POST /echo`:",
+        "",
+        "| path | p50 | p99 | p50 | p99 | requests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in WAN_PATHS:
+        x = wan["paths"][p]
+        lines.append(f"| {p} | {_n(x['p50'])} ms | {_n(x['p99'])} ms | {x['p50_rtt']:.2f} RTT | {x['p99_rtt']:.2f} RTT "
+                     f"| {x['n']} |")
+    return lines
+
+
+def _https_table(h: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Loopback, Vespa with HTTPS workers against Vespa with plain-HTTP workers (`POST /echo`), "
+        "latency p50 / p99 in ms and requests/s:",
+        "",
+        "| client | concurrency | " + " | ".join(HTTPS_PATHS) + " | throughput HTTPS / HTTP |",
+        "|---|---|" + "---|" * (len(HTTPS_PATHS) + 1),
+    ]
+    for client, by_c in h.items():
+        for c, paths in by_c.items():
+            cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in HTTPS_PATHS]
+            ratio = paths["vespa-https"]["rps"] / paths["vespa-http"]["rps"]
+            lines.append(f"| {client} | {c} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return lines
+
+
+PLOTTED = ("latency", "sse", "rss_streams", "large")
+
+
+def plot(r: dict[str, Any], path: Path) -> bool:
+    """The PNG of the issue-8 phases; False (no file) when one of them did not run."""
+    if any(k not in r for k in PLOTTED):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +307,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class EmulatorConfig:
     backend_port: int = 0
     # Workers serve HTTPS with certificates from the emulator's CA ({console}/static/jvastai_root.cer).
     https: bool = False
+    # Milliseconds each way between clients and the autoscaler and every worker (the console and
+    # the backend stay on loopback), plus one round trip per new TCP connection: see wan.py.
+    wan_delay_ms: float = 0.0
 
     def validate(self) -> None:
         names = [ep.name for ep in self.endpoints]
@@ -84,6 +87,8 @@ class EmulatorConfig:
             raise ValueError("endpoint names must be unique")
         if len(set(keys)) != len(keys) or self.account_key in keys:
             raise ValueError("endpoint keys must be unique and differ from the account key")
+        if not self.wan_delay_ms >= 0:
+            raise ValueError("wan_delay_ms must be >= 0")
         for ep in self.endpoints:
             if ep.generation not in ("B", "C"):
                 raise ValueError(f"endpoint {ep.name}: generation must be 'B' or 'C'")
@@ -150,11 +155,11 @@ class Emulator:
         )
         await self._start_workers()
         autoscaler = Autoscaler(self._endpoints, self.signing_key, self.records)
-        for name, app, port in (
-            ("autoscaler", autoscaler.app(), cfg.autoscaler_port),
-            ("console", Console(cfg, self.records, self.ca.pem()).app(), cfg.console_port),
+        for name, app, port, wan_delay_ms in (
+            ("autoscaler", autoscaler.app(), cfg.autoscaler_port, cfg.wan_delay_ms),
+            ("console", Console(cfg, self.records, self.ca.pem()).app(), cfg.console_port, 0.0),
         ):
-            self._servers[name] = server = HttpServer(app, port)
+            self._servers[name] = server = HttpServer(app, port, wan_delay_s=wan_delay_ms / 1000)
             await server.start()
 
     async def _start_workers(self) -> None:
@@ -169,6 +174,7 @@ class Emulator:
                 Worker(
                     next(ids), ep, public_key, self.backend_url, self._session, self.records,
                     ssl_context=ca.server_context(HOST) if self.config.https else None,
+                    wan_delay_s=self.config.wan_delay_ms / 1000,
                 )
                 for _ in range(ep.workers)
             ]  # fmt: skip

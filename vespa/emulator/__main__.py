@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="workers serve HTTPS with certificates from the emulator's own root CA, served at "
         "{console}/static/jvastai_root.cer (as on Vast, where workers are HTTPS)",
     )
+    p.add_argument(
+        "--wan-ms",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="delay every byte to and from the autoscaler and the workers by D ms each way, and each "
+        "new connection by one more round trip, like a far-away Vast (default: %(default)s = loopback)",
+    )
     p.add_argument("--autoscaler-port", type=int, default=0, help="autoscaler port (default: 0 = a free one)")
     p.add_argument("--console-port", type=int, default=0, help="console API port (default: 0 = a free one)")
     p.add_argument(
@@ -75,6 +83,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         autoscaler_port=args.autoscaler_port,
         console_port=args.console_port,
         https=args.https,
+        wan_delay_ms=args.wan_ms,
     )
     # Unset keys stay random, so a forgotten flag never exposes a guessable key.
     if account_key := os.environ.get("VESPA_EMU_ACCOUNT_KEY") or (

@@ -1,5 +1,9 @@
 """Running an aiohttp app on 127.0.0.1 with a listener that can be closed and re-opened.
 
+With a WAN delay, the public port is a wan.WanRelay in front of the app, which itself listens
+on a private port: faults (refused, black hole) then act on the public port, as they would on
+a real host across the network.
+
 Workers need that to emulate a refused connection: a closed listening socket is what a
 crashed or restarting worker looks like to a client, and the port must stay the same
 because the autoscaler keeps handing out the same URL. A black hole (connects that time out)
@@ -14,6 +18,8 @@ import ssl
 from pathlib import Path
 
 from aiohttp import web
+
+from vespa.emulator.wan import WanRelay
 
 HOST = "127.0.0.1"
 # Stopping must not wait for stalled or long streaming requests of a test.
@@ -63,6 +69,7 @@ class HttpServer:
         *,
         cancel_on_disconnect: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        wan_delay_s: float = 0.0,
     ) -> None:
         # handler_cancellation makes a client disconnect cancel the handler at once, which
         # is how a worker notices it within a second even while waiting on the backend.
@@ -78,6 +85,9 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._blackhole: Blackhole | None = None
         self._lock = asyncio.Lock()
+        self._wan_delay_s = wan_delay_s
+        self._relay: WanRelay | None = None
+        self._private: asyncio.Server | None = None  # the app's own listener, behind the relay
 
     @property
     def url(self) -> str:
@@ -89,11 +99,20 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
+        if self._wan_delay_s > 0:
+            self._private = await asyncio.get_running_loop().create_server(
+                self._runner.server, HOST, 0, ssl=self._ssl_context
+            )
+            private_port = self._private.sockets[0].getsockname()[1]
+            self._relay = WanRelay((HOST, private_port), self._wan_delay_s)
         await self.set_listening(True)
 
     async def set_listening(self, listening: bool) -> None:
         async with self._lock:
-            if listening and self._server is None:
+            if listening and self._server is None and self._relay is not None:
+                self.port = await self._relay.listen(HOST, self.port)
+                self._server = self._relay.server
+            elif listening and self._server is None:
                 self._server = await asyncio.get_running_loop().create_server(
                     self._runner.server, HOST, self.port, reuse_address=True, ssl=self._ssl_context
                 )
@@ -117,6 +136,9 @@ class HttpServer:
             return
         self._server.close()
         self._server = None
+        if self._relay is not None:
+            self._relay.close_listener()
+            self._relay.abort_connections()
         # Pooled keep-alive connections would otherwise still be served (a dead worker's kernel
         # resets them); close() alone only stops the handler loop and leaves the socket open.
         for connection in list(self._runner.server.connections):
@@ -127,4 +149,8 @@ class HttpServer:
     async def stop(self) -> None:
         await self.set_blackhole(False)
         await self.set_listening(False)
+        if self._relay is not None:
+            await self._relay.close()
+        if self._private is not None:
+            self._private.close()
         await self._runner.cleanup()

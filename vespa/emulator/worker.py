@@ -115,6 +115,7 @@ class Worker:
         session: aiohttp.ClientSession,
         records: Records,
         ssl_context: ssl.SSLContext | None = None,
+        wan_delay_s: float = 0.0,
     ) -> None:
         self.id = worker_id
         self.generation = endpoint.generation
@@ -123,7 +124,10 @@ class Worker:
         self._backend_url = backend_url
         self._session = session
         self._records = records
-        self._server = HttpServer(self._app(), cancel_on_disconnect=True, ssl_context=ssl_context)
+        # With a WAN, url is the relay's: the autoscaler hands it out and signatures cover it.
+        self._server = HttpServer(
+            self._app(), cancel_on_disconnect=True, ssl_context=ssl_context, wan_delay_s=wan_delay_s
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._faults = WorkerFaults()
         self._max_reqnum = 0
