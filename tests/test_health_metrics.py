@@ -135,10 +135,11 @@ def test_metrics_count_what_was_sent(own_emulator: Emulator) -> None:
         received += len(raw_body(r))
         assert requests.get(proxy.url + "/_vespa/health").status_code == 200  # not a request to count
         m = metrics(proxy)
-    assert m[("vespa_requests_total", (("error_type", "none"), ("status", "200")))] == 6
-    assert m[("vespa_requests_total", (("error_type", "bad_cost"), ("status", "400")))] == 1
+    assert m[("vespa_requests_total", (("endpoint", "demo"), ("error_type", "none"), ("status", "200")))] == 6
+    assert m[("vespa_requests_total", (("endpoint", "demo"), ("error_type", "bad_cost"), ("status", "400")))] == 1
     assert sum(v for (name, _), v in m.items() if name == "vespa_requests_total") == 7
-    assert m[("vespa_route_seconds_count", ())] == 6
+    assert m[("vespa_route_seconds_count", (("endpoint", "demo"),))] == 6
+    assert m[("vespa_workload_total", (("endpoint", "demo"),))] == 6.0
     assert m[("vespa_time_to_first_byte_seconds_count", ())] == 6
     assert m[("vespa_request_duration_seconds_count", ())] == 7
     assert m[("vespa_response_bytes_total", ())] == received

@@ -61,7 +61,7 @@ def test_unknown_encodings_are_bad_body(encoding: str) -> None:
 def test_worker_headers_drop_credentials_and_hop_headers_keep_duplicates() -> None:
     headers = CIMultiDictProxy(CIMultiDict([
         ("Authorization", "Bearer sk-1"), ("Cookie", "a=b"), ("X-Api-Key", "k"), ("Connection", "keep-alive, X-Hop"),
-        ("X-Hop", "1"), ("X-Serverless-Cost", "5"), (leg.ENDPOINT_HEADER, "demo"), ("X-Vast-Endpoint", "demo"),
+        ("X-Hop", "1"), ("X-Serverless-Cost", "5"), ("X-Vast-Endpoint", "demo"),
         ("Accept", "text/event-stream"), ("X-Trace", "1"), ("X-Trace", "2"), ("Host", "127.0.0.1:1"),
     ]))
     out = leg._worker_headers(headers)

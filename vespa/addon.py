@@ -23,19 +23,20 @@ from urllib.parse import urlsplit
 import aiohttp
 from mitmproxy import command, ctx, exceptions, http
 
-from vespa import errorpage, health, inspection, limits, wire, workerca
+from vespa import endpoints, errorpage, health, inspection, keys, limits, wire, workerca
 from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
 from vespa.keys import mask
-from vespa.leg import CREDENTIAL_HEADERS, ENDPOINT_HEADER, FACTS_HEADER, EndpointKey, Leg, LegConfig
+from vespa.leg import CREDENTIAL_HEADERS, FACTS_HEADER, EndpointKey, Leg, LegConfig
 from vespa.metrics import Telemetry
 
 log = logging.getLogger("vespa")
 
 DEFAULT_AUTOSCALER = "https://run.vast.ai"
+KEYS_ENV = "VESPA_ENDPOINT_KEYS"  # several endpoints' keys: a JSON object, name -> key
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 # Options whose change needs a new worker leg (the leg holds keys, URLs and limits).
 LEG_OPTIONS = frozenset({
-    "vespa_endpoint", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s",
+    "vespa_endpoint", "vespa_config", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s",
     "vespa_console_url", "vespa_worker_ca", "vespa_leg", "vespa_pool_idle_s", "vespa_pool_per_worker",
     "ssl_insecure", "ssl_verify_upstream_trusted_ca", "termlog_verbosity", "mode",
 }) | {name for name, _, _ in limits.OPTIONS}
@@ -45,12 +46,16 @@ LEG_OPTIONS = frozenset({
 class Setup:
     """What the proxy serves, as configured: shown by /_vespa/health and vespa.status."""
 
-    endpoint: str
+    endpoints: tuple[str, ...]
     autoscaler_url: str
-    key_source: str
-    key_tail: str  # the key's last 4 characters, masked
+    keys: dict[str, str]  # endpoint -> where its key came from and its last 4 characters
     leg: Leg = field(repr=False)
+    states: dict[str, dict] = field(default_factory=dict)  # endpoint -> its state, as the leg tells it
     last_route_ms: float | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return ", ".join(self.endpoints)
 
     async def probe(self, timeout_s: float) -> int:
         """GET /pubkey/ (no load, no key): is the autoscaler reachable from here."""
@@ -101,8 +106,9 @@ class Vespa:
         limits.add_options(loader)
         loader.add_option(
             "vespa_endpoint", str, "",
-            "Name of the Vast.ai Serverless endpoint to call (default: env VAST_ENDPOINT). "
-            "The endpoint key is read from env VAST_API_KEY, never from an option.",
+            "Name of the Vast.ai Serverless endpoint to call, or several, comma-separated (default: env "
+            "VAST_ENDPOINT). Keys come from the environment, never from an option: VAST_API_KEY for one "
+            "endpoint, VESPA_ENDPOINT_KEYS (a JSON object of name to key) for several.",
         )
         loader.add_option(
             "vespa_autoscaler_url", str, "",
@@ -110,8 +116,14 @@ class Vespa:
             f"target, else {DEFAULT_AUTOSCALER}).",
         )
         loader.add_option(
+            "vespa_config", str, "",
+            "A TOML file of endpoints (names, aliases, cost, fallback, api_key_env): one proxy for "
+            "all of them, chosen per request by X-Vast-Endpoint or the body's model. Instead of vespa_endpoint.",
+        )
+        loader.add_option(
             "vespa_default_cost", str, "1.0",
-            "Workload units sent to /route/ when a request has no X-Serverless-Cost header.",
+            "Workload units sent to /route/ when a request has no X-Serverless-Cost header: a number, "
+            "or 'auto' (the body's max_tokens and its kin) for the endpoints named in vespa_endpoint.",
         )
         loader.add_option(
             "vespa_route_deadline_s", int, 600,
@@ -179,27 +191,18 @@ class Vespa:
         if self.setup is not None:
             self.setup.leg.stop()
             self.setup = None
-        leg = Leg(config, opts.vespa_leg, on_log=_relog())
+        states: dict[str, dict] = {}
+        leg = Leg(config, opts.vespa_leg, on_log=_relog(), on_state=_on_loop(states.__setitem__))
         try:
             leg.start()
         except (RuntimeError, OSError) as e:
             raise exceptions.OptionsError(f"vespa: {e}") from None
-        self.setup = Setup(leg=leg, **setup_args)
+        self.setup = Setup(leg=leg, states=states, **setup_args)
         self.telemetry.endpoint = self.setup.endpoint
 
     def _leg_config(self, opts) -> tuple[LegConfig, dict]:
-        endpoint = opts.vespa_endpoint or os.environ.get("VAST_ENDPOINT", "")
-        if not endpoint:
-            raise exceptions.OptionsError(
-                "vespa: no endpoint name. Give it with --set vespa_endpoint=NAME (or env VAST_ENDPOINT), "
-                "or start through scripts/run.sh."
-            )
-        api_key = (self._api_key or os.environ.get("VAST_API_KEY", "")).strip()
-        if not api_key:
-            raise exceptions.OptionsError(
-                "vespa: no endpoint key. Put it in the environment as VAST_API_KEY (not on the command "
-                "line: ps shows arguments), or start through scripts/run.sh, which fetches it with your account key."
-            )
+        catalog = self._catalog(opts)
+        endpoint_keys = self._keys(catalog)
         autoscaler_url = opts.vespa_autoscaler_url or _reverse_target(_option(opts, "mode")) or DEFAULT_AUTOSCALER
         for name, url in (("vespa_autoscaler_url", autoscaler_url), ("vespa_console_url", opts.vespa_console_url)):
             if not wire.is_http_url(url):
@@ -208,10 +211,6 @@ class Vespa:
             raise exceptions.OptionsError("vespa: vespa_route_deadline_s must be a positive number of seconds.")
         if opts.vespa_pool_idle_s <= 0 or opts.vespa_pool_per_worker <= 0:
             raise exceptions.OptionsError("vespa: vespa_pool_idle_s and vespa_pool_per_worker must be positive.")
-        try:
-            default_cost = wire.parse_cost(opts.vespa_default_cost, 1.0)
-        except VespaError as e:
-            raise exceptions.OptionsError(f"vespa: vespa_default_cost: {e.message}") from None
         worker_ca = None
         if opts.vespa_worker_ca:
             worker_ca = os.path.expanduser(opts.vespa_worker_ca)
@@ -221,12 +220,11 @@ class Vespa:
                 raise exceptions.OptionsError(f"vespa: vespa_worker_ca={opts.vespa_worker_ca!r}: no such file.") from None
             except (OSError, ValueError) as e:
                 raise exceptions.OptionsError(f"vespa: vespa_worker_ca={opts.vespa_worker_ca!r}: {e}") from None
-        key_source = self._key_source or os.environ.get("VESPA_KEY_SOURCE", "env VAST_API_KEY")
         lim = self.limits
         config = LegConfig(
             autoscaler_url=autoscaler_url,
-            endpoints=(EndpointKey(endpoint, api_key, key_source),),
-            default_cost=default_cost,
+            endpoints=endpoint_keys,
+            catalog=catalog.to_json(),
             route_deadline_s=opts.vespa_route_deadline_s,
             route_timeout_s=lim.route_timeout_s,
             connect_timeout_s=lim.connect_timeout_s,
@@ -242,8 +240,72 @@ class Vespa:
             log_level=logging.DEBUG if _option(opts, "termlog_verbosity") == "debug" else logging.INFO,
             via=self.via,
         )
-        return config, {"endpoint": endpoint, "autoscaler_url": autoscaler_url,
-                        "key_source": key_source, "key_tail": mask(api_key)}
+        return config, {"endpoints": catalog.names, "autoscaler_url": autoscaler_url,
+                        "keys": {k.name: f"{k.key_source}, ending {mask(k.api_key)}" for k in endpoint_keys}}
+
+    def _catalog(self, opts) -> endpoints.Catalog:
+        """The endpoints to serve: vespa_config's file, else vespa_endpoint's names."""
+        try:
+            if opts.vespa_config:
+                if opts.vespa_endpoint:
+                    raise exceptions.OptionsError("vespa: give vespa_config or vespa_endpoint, not both.")
+                return endpoints.load_config(os.path.expanduser(opts.vespa_config))
+            names = [n.strip() for n in (opts.vespa_endpoint or os.environ.get("VAST_ENDPOINT", "")).split(",") if n.strip()]
+            if not names:
+                raise exceptions.OptionsError(
+                    "vespa: no endpoint name. Give it with --set vespa_endpoint=NAME (or env VAST_ENDPOINT), "
+                    "or a file of endpoints with --set vespa_config=FILE, or start through scripts/run.sh."
+                )
+            try:
+                cost = endpoints.parse_cost_option(opts.vespa_default_cost)
+            except VespaError as e:
+                raise exceptions.OptionsError(f"vespa: vespa_default_cost: {e.message.removeprefix('--cost: ')}") from None
+            return endpoints.from_names(names, cost)
+        except VespaError as e:
+            raise exceptions.OptionsError(f"vespa: {e.message}. {e.hint}") from None
+
+    def _keys(self, catalog: endpoints.Catalog) -> tuple[EndpointKey, ...]:
+        """Each endpoint's key, from the environment (never an option: ps shows arguments)."""
+        env = os.environ
+        shared: dict = {}
+        if raw := env.get(KEYS_ENV):
+            try:
+                shared = json.loads(raw)
+            except ValueError:
+                shared = None
+            if not isinstance(shared, dict):
+                raise exceptions.OptionsError(f"vespa: env {KEYS_ENV} must be a JSON object of endpoint name to key.")
+        single = self._api_key or env.get("VAST_API_KEY")
+        found, missing = [], []
+        for spec in catalog:
+            if spec.api_key_env:
+                value, source = env.get(spec.api_key_env), f"env {spec.api_key_env}"
+            elif spec.name in shared:
+                value, source = shared[spec.name], f"env {KEYS_ENV}"
+            elif len(catalog) == 1 and single:
+                value = single
+                source = self._key_source or env.get("VESPA_KEY_SOURCE", "env VAST_API_KEY")
+            else:
+                value, source = None, None
+            if not value:
+                missing.append(spec.name)
+                continue
+            try:
+                found.append(EndpointKey(spec.name, keys.clean_key(value, source, kind=f"key of endpoint {spec.name}"), source))
+            except VespaError as e:
+                raise exceptions.OptionsError(f"vespa: {e.message}. {e.hint}") from None
+        if missing:
+            if len(catalog) == 1:
+                raise exceptions.OptionsError(
+                    "vespa: no endpoint key. Put it in the environment as VAST_API_KEY (not on the command "
+                    "line: ps shows arguments), or start through scripts/run.sh, which fetches it with your account key."
+                )
+            raise exceptions.OptionsError(
+                f"vespa: no key for endpoint(s) {', '.join(missing)}. Name a variable with api_key_env in the "
+                f"config file, or put them in env {KEYS_ENV} as a JSON object, or start through scripts/run.sh, "
+                "which fetches every endpoint key with your account key."
+            )
+        return tuple(found)
 
     def done(self) -> None:
         errorpage.uninstall()
@@ -274,7 +336,6 @@ class Vespa:
         # goes on exactly as the client sent it.
         assert self.setup is not None
         request.scheme, request.host, request.port = "http", "127.0.0.1", self.setup.leg.port
-        request.headers[ENDPOINT_HEADER] = self.setup.endpoint
 
     def _check_head(self, request: http.Request) -> None:
         if self.setup is None:
@@ -367,7 +428,6 @@ def _show(flow: http.HTTPFlow, shown: Shown, worker: str | None) -> None:
     """Point the flow at the worker it went to (or back where the client sent it): mitmweb's
     list then says where each request went, and a replay starts from the client's request."""
     request = flow.request
-    request.headers.pop(ENDPOINT_HEADER, None)
     if worker and wire.is_http_url(worker):
         parts = urlsplit(worker)
         request.scheme, request.host = parts.scheme, parts.hostname or ""
@@ -444,20 +504,25 @@ def _reverse_target(modes) -> str | None:
     return None
 
 
-def _relog():
-    """Log the leg's records through mitmproxy's loop (its log handlers are not thread-safe)."""
+def _on_loop(fn):
+    """`fn`, called on mitmproxy's loop whatever thread calls it (the leg's reader thread):
+    its log handlers and the addon's state are not thread-safe."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
 
-    def emit(level: int, name: str, msg: str) -> None:
+    def call(*args) -> None:
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(logging.getLogger(name).log, level, "%s", msg)
+            loop.call_soon_threadsafe(fn, *args)
         else:
-            logging.getLogger(name).log(level, "%s", msg)
+            fn(*args)
 
-    return emit
+    return call
+
+
+def _relog():
+    return _on_loop(lambda level, name, msg: logging.getLogger(name).log(level, "%s", msg))
 
 
 def _raise_open_file_limit() -> None:

@@ -47,6 +47,8 @@ class Target(Protocol):
 
     endpoint: str
     autoscaler_url: str
+    endpoints: tuple[str, ...]
+    states: dict[str, dict]  # endpoint -> {"state": "ready" | "cold" | "unknown", ...}
 
     async def probe(self, timeout_s: float) -> int: ...
 
@@ -94,6 +96,9 @@ class Health:
         if target is None:
             return 503, {**report, "status": "unavailable", "reason": "Vespa is not configured (see the proxy's start-up log)"}
         report["endpoint"] = target.endpoint
+        report["endpoints"] = {
+            name: {"state": "unknown", **target.states.get(name, {})} for name in getattr(target, "endpoints", ())
+        }
         probe = await self._fresh_probe(target)
         report["autoscaler"] = {
             "url": target.autoscaler_url,

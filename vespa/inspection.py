@@ -134,10 +134,12 @@ def status(setup: Setup | None, in_flight: int) -> str:
     its REST API. The key shows only its source and last 4 characters."""
     if setup is None:
         return json.dumps({"configured": False, "in_flight": in_flight})
+    one = len(setup.endpoints) == 1
     return json.dumps({
         "endpoint": setup.endpoint,
         "autoscaler": setup.autoscaler_url,
-        "key": f"{setup.key_source}, ending {setup.key_tail}",
+        **({"key": setup.keys[setup.endpoints[0]]} if one else {"keys": setup.keys}),
+        "endpoints": {name: setup.states.get(name, {}).get("state", "unknown") for name in setup.endpoints},
         "last_route_ms": setup.last_route_ms,
         "in_flight": in_flight,
     })

@@ -43,12 +43,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from vespa import wire
+from vespa import endpoints, wire
 from vespa.errors import (
     BadBody,
-    BadRequest,
     BodyTooLarge,
     EndpointNotFound,
+    KeyRejected,
+    NoWorkerInTime,
     VespaError,
     WorkerBroke,
     WorkerConnectTimeout,
@@ -63,7 +64,6 @@ from vespa.workerca import WorkerTrust, is_verify_failure
 
 log = logging.getLogger("vespa.leg")
 
-ENDPOINT_HEADER = "X-Vespa-Endpoint"  # set by the addon; never reaches a worker
 FACTS_HEADER = "X-Vespa-Facts"  # routing facts for the addon (log, metrics, mitmweb); stripped there
 HEALTH_PATH = "/_vespa/health"
 START_TIMEOUT_S = 20.0
@@ -78,7 +78,7 @@ CREDENTIAL_HEADERS = frozenset({
 DROP_REQUEST = CREDENTIAL_HEADERS | {
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-authenticate", "host", "content-length", "x-serverless-cost", "content-encoding", "expect",
-    ENDPOINT_HEADER.lower(), "x-vast-endpoint",
+    endpoints.HEADER.lower(),
 }
 DROP_RESPONSE = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
@@ -101,8 +101,8 @@ class LegConfig:
     """Everything the leg needs, sent as one JSON line on its stdin."""
 
     autoscaler_url: str
-    endpoints: tuple[EndpointKey, ...]
-    default_cost: float = 1.0
+    endpoints: tuple[EndpointKey, ...]  # a key for every endpoint of the catalog
+    catalog: dict[str, Any] = field(default_factory=dict)  # endpoints.Catalog.to_json(); empty: the keys' names
     route_deadline_s: float = 600.0
     route_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -150,6 +150,15 @@ class WorkerLeg:
             ))
             for ep in config.endpoints
         }
+        self.catalog = (endpoints.from_json(config.catalog) if config.catalog
+                        else endpoints.from_names(ep.name for ep in config.endpoints))
+        missing = [name for name in self.catalog.names if name not in self.routers]
+        if missing:
+            raise ValueError(f"no key for endpoint(s) {', '.join(missing)}")
+        self.cold = ColdStarts(self)
+        self.on_state: Callable[[str, dict[str, Any]], None] = lambda name, state: None
+        self.states: dict[str, str] = {}
+        self.started = int(time.time())
         self.trust = WorkerTrust(config.console_url, Path(config.worker_ca) if config.worker_ca else None)
         self._ssl: dict[Path | None, ssl.SSLContext] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -178,6 +187,7 @@ class WorkerLeg:
         return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def close(self) -> None:
+        await self.cold.close()
         if self._runner is not None:
             await self._runner.cleanup()
         for router in self.routers.values():
@@ -198,21 +208,21 @@ class WorkerLeg:
             self.in_flight -= 1
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        router = self._router(request.headers.get(ENDPOINT_HEADER))
-        cost = wire.parse_cost(request.headers.get("x-serverless-cost"), self.config.default_cost)
-        payload = await self._payload(request) if request.method in wire.BODY_METHODS else b""
-        forwarded = await self.forward(router, request, payload, cost)
-        return await self._relay(request, forwarded)
-
-    def _router(self, name: str | None) -> Router:
-        if not name:
-            return next(iter(self.routers.values()))
+        payload, body = b"", None
+        if request.method in wire.BODY_METHODS:
+            payload = await self._payload(request)
+            body = check_json(payload) if payload.strip() else None
+        if len(self.catalog) > 1 and request.method in ("GET", "HEAD") and request.path.rstrip("/") == "/v1/models":
+            # Answered here: no route call, no worker woken, every endpoint's models listed.
+            return web.json_response(endpoints.models_list(self.catalog, self.started))
+        model = body.get("model") if isinstance(body, dict) else None
+        spec = endpoints.choose(self.catalog, request.headers.get(endpoints.HEADER),
+                                model if isinstance(model, str) else None)
         try:
-            return self.routers[name]
-        except KeyError:
-            known = ", ".join(self.routers)
-            raise EndpointNotFound(f"this proxy does not serve endpoint {name!r}",
-                                   hint=f"It serves: {known}.") from None
+            forwarded = await self.cold.forward(spec, Outgoing(request, payload, body))
+        except VespaError as e:
+            return _error_response(e, {"endpoint": spec.name})
+        return await self._relay(request, forwarded)
 
     async def _payload(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_body_bytes
@@ -222,16 +232,23 @@ class WorkerLeg:
             check_json(payload)
         return payload
 
-    async def forward(self, router: Router, request: web.BaseRequest, payload: bytes, cost: float) -> Forwarded:
-        """Route, then send the signed request; a worker that refuses the connection is routed around."""
+    async def forward(self, spec: endpoints.EndpointSpec, out: Outgoing, claim: Claim | None = None) -> Forwarded | None:
+        """Route, then send the signed request; a worker that refuses the connection (or is full)
+        is routed around. With a `claim` that was withdrawn (the request went to a fallback),
+        the route call only keeps the endpoint's demand visible and nothing is sent: None."""
+        request = out.request
+        cost = endpoints.workload(request.headers.get("x-serverless-cost"),
+                                  out.body if isinstance(out.body, dict) else None, spec.cost)
         headers = _worker_headers(request.headers)
         headers.add("Via", self.config.via)
 
-        async def send(ready: wire.RouteReady) -> aiohttp.ClientResponse:
+        async def send(ready: wire.RouteReady) -> aiohttp.ClientResponse | None:
+            if claim is not None and not claim.take():
+                return None
             url = URL(ready.url + request.raw_path, encoded=True)
             if request.method in wire.BODY_METHODS:
                 headers["Content-Type"] = "application/json"
-                body: bytes | None = wire.worker_body(ready.auth_data, payload)
+                body: bytes | None = wire.worker_body(ready.auth_data, out.payload)
             else:
                 url = url.with_query(
                     [(k, v) for k, v in url.query.items() if not k.startswith(wire.QUERY_PREFIX)]
@@ -247,17 +264,26 @@ class WorkerLeg:
                 )
             return response
 
-        routed, response = await router.route(cost, send)
+        routed, response = await self.routers[spec.name].route(cost, send)
+        self.set_state(spec.name, "ready")
+        if response is None:
+            return None
         ready = routed.ready
         return Forwarded(response, {
-            "endpoint": ready.auth_data.get("endpoint"),
+            "endpoint": spec.name,
             "worker": ready.url,
             "request_idx": ready.request_idx,
-            "cost": ready.auth_data.get("cost"),
+            "cost": ready.auth_data.get("cost", cost),
             "route_ms": round(routed.route_ms, 1),
             "polls": routed.polls,
             "retries": routed.retries,
         })
+
+    def set_state(self, name: str, state: str, detail: str = "") -> None:
+        """Each endpoint's state for /_vespa/health and vespa.status; told to the addon on change."""
+        if self.states.get(name) != state:
+            self.states[name] = state
+            self.on_state(name, {"state": state, "detail": detail, "since": time.time()})
 
     async def _send(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> aiohttp.ClientResponse:
         assert self._session is not None
@@ -379,6 +405,7 @@ class WorkerLeg:
                     entry["error"] = f"GET /pubkey/ answered {code}"
             except (aiohttp.ClientError, TimeoutError, OSError, VespaError) as e:
                 entry = {"reachable": False, "error": f"{type(e).__name__} {e}".strip()}
+            entry["state"] = self.states.get(name, "unknown")
             report["endpoints"][name] = entry
             if not entry["reachable"]:
                 status = 503
@@ -389,9 +416,111 @@ class WorkerLeg:
         return web.json_response(report, status=status)
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """The client's request as the leg read it: the body once, checked and parsed."""
+
+    request: web.BaseRequest
+    payload: bytes
+    body: Any  # the parsed JSON, or None
+
+
+class Claim:
+    """Who sends a request: its first route call, or (once withdrawn) a fallback. Taking and
+    withdrawing happen on one event loop, so exactly one of them wins."""
+
+    def __init__(self) -> None:
+        self.state = "open"
+
+    def take(self) -> bool:
+        if self.state == "open":
+            self.state = "taken"
+        return self.state == "taken"
+
+    def withdraw(self) -> bool:
+        if self.state == "open":
+            self.state = "withdrawn"
+        return self.state == "withdrawn"
+
+
+# Failures that prove nothing reached any worker: a fallback may still take the request.
+NOT_SENT = (NoWorkerInTime, WorkerUnavailable, EndpointNotFound, KeyRejected)
+
+
+class ColdStarts:
+    """Cold-start fallback (issue 13): when an endpoint with a `fallback` list has no worker
+    ready within `fallback_after_s`, the request goes to its fallbacks in order, before a byte
+    went to any worker. Its route call goes on polling, as the only one, so the autoscaler keeps
+    seeing the demand and warms the endpoint up; meanwhile later requests go to the fallback at
+    once, and return to the endpoint as soon as that call gets a worker."""
+
+    def __init__(self, leg: WorkerLeg) -> None:
+        self.leg = leg
+        self.demand: dict[str, asyncio.Task[Forwarded | None]] = {}
+
+    async def forward(self, spec: endpoints.EndpointSpec, out: Outgoing) -> Forwarded:
+        fallbacks = self.leg.catalog.fallbacks(spec)
+        if not fallbacks:
+            forwarded = await self.leg.forward(spec, out)
+            assert forwarded is not None
+            return forwarded
+        if spec.name in self.demand:
+            return await self._fall_back(spec, fallbacks, out, f"{spec.name} is warming up")
+        claim = Claim()
+        task = asyncio.ensure_future(self.leg.forward(spec, out, claim))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=spec.fallback_after_s)
+        except asyncio.CancelledError:
+            task.cancel()  # the client left before anything was decided
+            raise
+        if done or not claim.withdraw():
+            forwarded = await task  # it got a worker (and sent the request) in time
+            assert forwarded is not None
+            return forwarded
+        self._keep_demand(spec, task)
+        return await self._fall_back(spec, fallbacks, out, f"no worker of {spec.name} ready within {spec.fallback_after_s:g} s")
+
+    def _keep_demand(self, spec: endpoints.EndpointSpec, task: asyncio.Task[Forwarded | None]) -> None:
+        self.demand[spec.name] = task
+        self.leg.set_state(spec.name, "cold", "no worker ready; requests go to its fallback while it warms up")
+        log.info("vespa: endpoint %s has no worker ready within %g s; sending its requests to %s while it warms up",
+                 spec.name, spec.fallback_after_s, ", ".join(spec.fallback))
+
+        def ended(t: asyncio.Task[Forwarded | None]) -> None:
+            self.demand.pop(spec.name, None)
+            if t.cancelled() or t.exception() is not None:
+                self.leg.set_state(spec.name, "unknown")
+            else:
+                log.info("vespa: endpoint %s has a worker ready; its requests go to it again", spec.name)
+
+        task.add_done_callback(ended)
+
+    async def _fall_back(self, spec: endpoints.EndpointSpec, fallbacks: tuple[endpoints.EndpointSpec, ...],
+                         out: Outgoing, reason: str) -> Forwarded:
+        failure: VespaError | None = None
+        for fallback in fallbacks:
+            try:
+                forwarded = await self.leg.forward(fallback, out)
+            except NOT_SENT as e:
+                failure = e
+                continue
+            assert forwarded is not None
+            forwarded.facts.update(fallback_from=spec.name, fallback_reason=reason)
+            return forwarded
+        assert failure is not None
+        raise failure
+
+    async def close(self) -> None:
+        for task in list(self.demand.values()):
+            task.cancel()
+
+
 # --- pure helpers ---------------------------------------------------------------------------
-def _error_response(err: VespaError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), headers=err.headers())
+def _error_response(err: VespaError, facts: dict[str, Any] | None = None) -> web.Response:
+    headers = err.headers()
+    if facts:
+        headers[FACTS_HEADER] = json.dumps(facts)
+    return web.Response(status=err.status, body=err.body(), headers=headers)
 
 
 def sse_error_event(err: VespaError) -> bytes:
@@ -441,8 +570,8 @@ def _decode(raw: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def check_json(payload: bytes) -> None:
-    """Strict UTF-8 JSON, at most MAX_JSON_DEPTH deep; raises BadBody.
+def check_json(payload: bytes) -> Any:
+    """The body parsed: strict UTF-8 JSON, at most MAX_JSON_DEPTH deep; raises BadBody.
 
     Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and a BOM, which the worker cannot
     read once the payload is spliced into its UTF-8 body. The depth is counted before parsing,
@@ -455,7 +584,7 @@ def check_json(payload: bytes) -> None:
     if _depth_exceeds(text, MAX_JSON_DEPTH):
         raise BadBody(f"the request body's JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
 
@@ -497,10 +626,17 @@ class Leg:
     """The addon's handle on its worker leg: a child process (default), or a thread of the
     proxy's own process (`vespa_leg=thread`, for measuring the two against each other)."""
 
-    def __init__(self, config: LegConfig, mode: str = "process", on_log: Callable[[int, str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: LegConfig,
+        mode: str = "process",
+        on_log: Callable[[int, str, str], None] | None = None,
+        on_state: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.config = config
         self.mode = mode
         self.on_log = on_log or _default_log
+        self.on_state = on_state or (lambda name, state: None)
         self.port = 0
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
@@ -544,6 +680,7 @@ class Leg:
             loop = asyncio.new_event_loop()
             holder["loop"] = loop
             leg = WorkerLeg(self.config)
+            leg.on_state = self.on_state
             try:
                 holder["port"] = loop.run_until_complete(leg.start())
             except BaseException as e:  # reported to start()
@@ -596,6 +733,8 @@ class Leg:
                 rec = json.loads(line)
                 if "port" in rec:
                     ports.put(int(rec["port"]))
+                elif "endpoint_state" in rec:
+                    self.on_state(str(rec["endpoint_state"]), dict(rec["state"]))
                 else:
                     self.on_log(int(rec["level"]), str(rec["name"]), str(rec["msg"]))
             except (ValueError, KeyError, TypeError):
@@ -612,18 +751,21 @@ class _JsonLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = json.dumps({"level": record.levelno, "name": record.name, "msg": record.getMessage()})
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            _tell_parent({"level": record.levelno, "name": record.name, "msg": record.getMessage()})
         except Exception:
             self.handleError(record)
 
 
+def _tell_parent(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
 async def _serve(config: LegConfig) -> None:
     leg = WorkerLeg(config)
+    leg.on_state = lambda name, state: _tell_parent({"endpoint_state": name, "state": state})
     port = await leg.start()
-    sys.stdout.write(json.dumps({"port": port}) + "\n")
-    sys.stdout.flush()
+    _tell_parent({"port": port})
     loop = asyncio.get_running_loop()
     try:
         # The parent holds our stdin: EOF means it is gone (or stopped us), so we go too.

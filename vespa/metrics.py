@@ -46,13 +46,22 @@ class Telemetry:
         self.tracks: dict[str, Track] = {}
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "vespa_requests", "Requests answered, by HTTP status and Vespa error type "
-            "(error_type 'none': no error; status 'none': the connection failed before any answer).",
-            ["status", "error_type"], registry=r,
+            "vespa_requests", "Requests answered, by endpoint, HTTP status and Vespa error type "
+            "(endpoint '-': never routed; error_type 'none': no error; status 'none': the connection "
+            "failed before any answer).",
+            ["endpoint", "status", "error_type"], registry=r,
         )
         self.route_seconds = Histogram(
-            "vespa_route_seconds", "Time to get a worker from /route/, polls and retries included.",
-            buckets=BUCKETS, registry=r,
+            "vespa_route_seconds", "Time to get a worker from /route/, polls and retries included, by endpoint.",
+            ["endpoint"], buckets=BUCKETS, registry=r,
+        )
+        self.workload = Counter(
+            "vespa_workload", "Workload units (cost) sent to /route/, by endpoint: what the autoscaler scales on.",
+            ["endpoint"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "vespa_fallbacks", "Requests sent to a fallback endpoint because theirs had no worker ready in time.",
+            ["endpoint", "fallback"], registry=r,
         )
         self.ttfb_seconds = Histogram(
             "vespa_time_to_first_byte_seconds", "From the client's request headers to the worker's response headers.",
@@ -127,18 +136,26 @@ class Telemetry:
         if not track.streamed and resp is not None:
             track.bytes = len(resp.raw_content or b"")
         facts = _facts(flow)
-        self.requests.labels(status, error_type).inc()
+        endpoint = facts.get("endpoint") or "-"
+        self.requests.labels(endpoint, status, error_type).inc()
         self.duration_seconds.observe(total_s)
         self.response_bytes.inc(track.bytes)
         if "route_ms" in facts:
-            self.route_seconds.observe(facts["route_ms"] / 1000)
+            self.route_seconds.labels(endpoint).observe(facts["route_ms"] / 1000)
             self.polls.inc(facts.get("polls") or 0)
             self.retries.inc(facts.get("retries") or 0)
+        if isinstance(facts.get("cost"), (int, float)):
+            self.workload.labels(endpoint).inc(facts["cost"])
+        fallback = ""
+        if facts.get("fallback_from"):
+            self.fallbacks.labels(facts["fallback_from"], endpoint).inc()
+            fallback = f" fallback_from={facts['fallback_from']}"
         log.info(
-            "vespa: %s %s endpoint=%s worker=%s status=%s%s route_ms=%s total_ms=%.0f cost=%s bytes=%d polls=%s retries=%s",
+            "vespa: %s %s endpoint=%s worker=%s status=%s%s route_ms=%s total_ms=%.0f cost=%s bytes=%d polls=%s retries=%s%s",
             track.method, track.path, facts.get("endpoint") or self.endpoint or "-", facts.get("worker") or "-",
             status, "" if error_type == "none" else f" error={error_type}", _num(facts.get("route_ms")),
             total_s * 1000, _num(facts.get("cost")), track.bytes, facts.get("polls", "-"), facts.get("retries", "-"),
+            fallback,
         )
 
 
