@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -522,13 +523,24 @@ def test_demo_end_to_end(home: Path) -> None:
         mitm = [pid for pid in kids if "mitmdump" in proc_file(pid, "cmdline")]
         emulator = [pid for pid in kids if "vespa.emulator" in proc_file(pid, "cmdline")]
         assert len(mitm) == 1 and len(emulator) == 1, kids
-        for pid in (proc.pid, *kids):
+        # The worker leg: keys on its stdin, never in arguments or environment. The port may open
+        # a moment before mitmproxy has loaded the script that starts it.
+        deadline = time.monotonic() + 10
+        while not (legs := children(mitm[0])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(legs) == 1 and "vespa.leg" in proc_file(legs[0], "cmdline")
+        for pid in (proc.pid, *kids, *legs):
             assert account not in proc_file(pid, "cmdline") and endpoint not in proc_file(pid, "cmdline")
-        assert proc_environ(mitm[0])["VAST_API_KEY"] == endpoint
+        leg_env = {k: v for k, v in proc_environ(legs[0]).items() if not k.startswith("VESPA_EMU_")}  # the test's own
+        assert endpoint not in json.dumps(leg_env) and "VESPA_ENDPOINT_KEYS" not in leg_env
+        # Two demo endpoints: their keys reach mitmdump in its environment only.
+        assert json.loads(proc_environ(mitm[0])["VESPA_ENDPOINT_KEYS"])["vespa-demo"] == endpoint
+        kids += legs
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-used", timeout=30, max_retries=0)
+        assert {m.id for m in client.models.list()} == {"vespa-demo", "vespa-small"}
         stream = client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "Hello!"}], stream=True, max_tokens=8
+            model="vespa-demo", messages=[{"role": "user", "content": "Hello!"}], stream=True, max_tokens=8
         )
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert len(pieces) >= 2 and "".join(pieces).strip()
@@ -766,3 +778,47 @@ def test_a_distinctive_key_never_reaches_the_debug_log(home: Path) -> None:
     assert "Starting proxy for: secret-ep" in out
     assert "client connect" in out  # mitmproxy's debug-level lines: --debug reached it
     assert "SECRETMARKER" not in out
+
+
+# --- several endpoints (issue 13) -----------------------------------------------------------------
+def test_several_endpoints_one_console_call_keys_in_env_only(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_ACCOUNT_KEY", vast.config.account_key)
+    calls = len(vast.records.console)
+    r = launch("--endpoint", "llm-prod", "--endpoint", "llm-staging", "--cost", "auto")
+    assert len(vast.records.console) == calls + 1  # every endpoint key from one list call
+    assert json.loads(r.exec.env["VESPA_ENDPOINT_KEYS"]) == {
+        "llm-prod": ep_key(vast), "llm-staging": ep_key(vast, "llm-staging")}
+    assert "VAST_API_KEY" not in r.exec.env
+    argv = " ".join(r.exec.argv)
+    assert "vespa_endpoint=llm-prod,llm-staging" in argv and "vespa_default_cost=auto" in argv
+    assert "Starting proxy for: llm-prod, llm-staging" in r.out
+
+
+def test_all_endpoints_and_config(launch, vast: Emulator, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VAST_ACCOUNT_KEY", vast.config.account_key)
+    r = launch("--all-endpoints")
+    assert set(json.loads(r.exec.env["VESPA_ENDPOINT_KEYS"])) == {"llm-prod", "llm-staging"}
+    config = tmp_path / "eps.toml"
+    config.write_text('[[endpoint]]\nname = "llm-prod"\naliases = ["big"]\napi_key_env = "KEY_PROD"\n'
+                      '[[endpoint]]\nname = "llm-staging"\n')
+    monkeypatch.setenv("KEY_PROD", ep_key(vast))
+    r = launch("--config", str(config))
+    assert f"vespa_config={config.resolve()}" in r.exec.argv
+    assert json.loads(r.exec.env["VESPA_ENDPOINT_KEYS"]) == {
+        "llm-prod": ep_key(vast), "llm-staging": ep_key(vast, "llm-staging")}
+    config.write_text('[[endpoint]]\nname = "llm-prod"\ncolour = "red"\n')
+    r = launch("--config", str(config))
+    assert r.rc != 0 and "colour" in r.err and "eps.toml" in r.err and "hint:" in r.err
+
+
+def test_several_endpoints_need_the_account_key(launch, vast: Emulator) -> None:
+    r = launch("--endpoint", "llm-prod", "--endpoint", "llm-staging")
+    assert r.rc == 2 and "account key" in r.err
+
+
+def test_cost_auto_for_one_endpoint_reaches_the_addon(launch, vast: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("VAST_ACCOUNT_KEY", vast.config.account_key)
+    r = launch("--endpoint", "llm-prod", "--cost", "auto")
+    assert "vespa_default_cost=auto" in r.exec.argv and "vespa_endpoint=llm-prod" in r.exec.argv
+    r = launch("--endpoint", "llm-prod", "--cost", "-2")
+    assert r.rc != 0 and "--cost" in r.err

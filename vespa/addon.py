@@ -198,7 +198,8 @@ class Vespa:
         except (RuntimeError, OSError) as e:
             raise exceptions.OptionsError(f"vespa: {e}") from None
         self.setup = Setup(leg=leg, states=states, **setup_args)
-        self.telemetry.endpoint = self.setup.endpoint
+        # Named in the log line of a request never routed, when there is no doubt which it was for.
+        self.telemetry.endpoint = self.setup.endpoint if len(self.setup.endpoints) == 1 else ""
 
     def _leg_config(self, opts) -> tuple[LegConfig, dict]:
         catalog = self._catalog(opts)

@@ -27,7 +27,7 @@ from typing import IO, Iterator, NoReturn
 
 import requests
 
-from vespa import console, keys
+from vespa import console, endpoints, keys
 from vespa.errors import AutoscalerUnreachable, BadKey, EndpointNotFound, KeyRejected, VespaError
 from vespa.instances import INSTANCES, Instance
 from vespa.procs import stop
@@ -76,6 +76,8 @@ class Proxy:
     debug: bool
     extra: list[str]
     console_url: str  # where the addon downloads Vast's worker root CA
+    options: tuple[str, ...] = ()  # more --set options for the addon (several endpoints, cost)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # more environment (several endpoints' keys)
 
     @property
     def url(self) -> str:
@@ -93,7 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(key_file=key_file()),
     )
     g = p.add_argument_group("endpoint and keys (flags > environment > key files)")
-    g.add_argument("--endpoint", metavar="NAME", help="endpoint name (or env VAST_ENDPOINT)")
+    g.add_argument(
+        "--endpoint", metavar="NAME", action="append",
+        help="endpoint name (or env VAST_ENDPOINT); repeat it to serve several from one proxy, "
+        "chosen per request by the body's model or the X-Vast-Endpoint header",
+    )
+    g.add_argument("--all-endpoints", action="store_true", help="serve every endpoint of the account (needs the account key)")
+    g.add_argument(
+        "--config", metavar="FILE",
+        help="a TOML file of endpoints (names, aliases, cost, fallback, api_key_env): see the README",
+    )
+    g.add_argument(
+        "--cost", metavar="auto|N",
+        help="workload units per request for the endpoints given here: a number (default 1), or 'auto' "
+        "to send the body's max_tokens, as Vast counts LLM load; a request's X-Serverless-Cost wins",
+    )
     g.add_argument("--api-key", metavar="KEY", help="the endpoint's own API key (or env VAST_API_KEY)")
     g.add_argument(
         "--account-key",
@@ -340,8 +356,16 @@ class Interactive:
 
 # --- checking the autoscaler --------------------------------------------------------------------
 def preflight(proxy: Proxy) -> None:
-    """One route call with cost 0 (no load, as the SDK polls) to fail now on a wrong key or URL."""
-    t = proxy.target
+    """One route call with cost 0 per endpoint (no load, as the SDK polls) to fail now on a wrong
+    key or URL."""
+    several = json.loads(proxy.env.get("VESPA_ENDPOINT_KEYS", "{}"))
+    if not several:
+        return _preflight_one(proxy, proxy.target)
+    for name, key in several.items():
+        _preflight_one(proxy, Target(name, key, proxy.target.key_source, direct=False))
+
+
+def _preflight_one(proxy: Proxy, t: Target) -> None:
     url = f"{proxy.autoscaler_url}/route/"
     try:
         resp = requests.post(
@@ -374,6 +398,64 @@ def _rejected_hint(t: Target) -> str:
     return "The console's key for this endpoint was refused: it may just have been rotated. Retry in a minute."
 
 
+# --- several endpoints ---------------------------------------------------------------------------
+def _catalog(args: argparse.Namespace, resolved: keys.Resolved, urls: Instance) -> endpoints.Catalog:
+    if sum(map(bool, (args.config, args.all_endpoints, args.endpoint))) > 1:
+        raise UsageError("give one of --config, --all-endpoints or --endpoint",
+                         "A config file names its endpoints itself; --all-endpoints serves every one of the account.")
+    if args.config:
+        return endpoints.load_config(args.config)
+    if args.all_endpoints:
+        account = _need_account(resolved, "--all-endpoints")
+        names = [ep.name for ep in console.list_endpoints(account.value, urls.console_url)]
+        if not names:
+            raise EndpointNotFound("this account has no endpoints", console.NO_ENDPOINTS_HINT)
+        return endpoints.from_names(names, args.cost or 1.0)
+    return endpoints.from_names(args.endpoint, args.cost or 1.0)
+
+
+def _need_account(resolved: keys.Resolved, why: str) -> keys.Secret:
+    if resolved.account_key is None:
+        raise UsageError(
+            f"{why} needs the account key, to fetch the endpoint keys",
+            f"Set env VAST_ACCOUNT_KEY, or save it in {key_file()} (chmod 600).",
+        )
+    return resolved.account_key
+
+
+def several(args: argparse.Namespace, extra: list[str], port: int, urls: Instance,
+            account: keys.Secret | None, catalog: endpoints.Catalog) -> Proxy:
+    """A proxy for every endpoint of `catalog`: keys from the variables the config names, the
+    rest with one console call (the console allows 3 a second); all passed in the environment."""
+    found: dict[str, str] = {}
+    sources: list[str] = []
+    for spec in catalog:
+        if spec.api_key_env and os.environ.get(spec.api_key_env):
+            found[spec.name] = keys.clean_key(os.environ[spec.api_key_env], f"env {spec.api_key_env}",
+                                              kind=f"key of endpoint {spec.name}")
+            sources.append(f"env {spec.api_key_env}")
+    wanted = [spec.name for spec in catalog if spec.name not in found]
+    if wanted:
+        if account is None:
+            raise UsageError(
+                f"no key for endpoint(s) {', '.join(wanted)}: the account key fetches them",
+                f"Set env VAST_ACCOUNT_KEY, save it in {key_file()} (chmod 600), or name a variable "
+                "holding each endpoint's key with api_key_env in the config file.",
+            )
+        say(f"Fetching the keys of {len(wanted)} endpoint(s) with the account key from {account.describe()} ...")
+        listed = console.list_endpoints(account.value, urls.console_url)
+        for name in wanted:
+            found[name] = console.key_of(console.find_endpoint(listed, name))
+        sources.append(f"account key from {account.describe()} via the console")
+    options = [f"vespa_config={Path(args.config).resolve()}"] if args.config else [
+        f"vespa_endpoint={','.join(catalog.names)}",
+        f"vespa_default_cost={endpoints.parse_cost_option(args.cost or 1.0)}",
+    ]
+    target = Target(", ".join(catalog.names), "", "; ".join(sources), direct=False)
+    return Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra, urls.console_url,
+                 options=tuple(options), env={"VESPA_ENDPOINT_KEYS": json.dumps(found)})
+
+
 # --- starting mitmproxy -------------------------------------------------------------------------
 def mitm_binary(web: bool) -> Path:
     binary = Path(sys.executable).parent / ("mitmweb" if web else "mitmdump")
@@ -395,7 +477,7 @@ def mitm_command(proxy: Proxy) -> list[str]:
         "--mode", f"reverse:{proxy.autoscaler_url}",
         "--listen-host", proxy.host,
         "-p", str(proxy.port),
-        "--set", f"vespa_endpoint={proxy.target.endpoint}",
+        *(arg for option in proxy.options or (f"vespa_endpoint={proxy.target.endpoint}",) for arg in ("--set", option)),
         "--set", f"vespa_autoscaler_url={proxy.autoscaler_url}",
         "--set", f"vespa_console_url={proxy.console_url}",
         "--set", "connection_strategy=lazy",
@@ -412,9 +494,10 @@ def mitm_command(proxy: Proxy) -> list[str]:
 
 def mitm_env(proxy: Proxy) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != keys.ACCOUNT_ENV}
-    env[keys.ENDPOINT_KEY_ENV] = proxy.target.key
+    if proxy.target.key:
+        env[keys.ENDPOINT_KEY_ENV] = proxy.target.key
     env["VESPA_KEY_SOURCE"] = proxy.target.key_source
-    return env
+    return {**env, **proxy.env}
 
 
 def examples(proxy: Proxy, model: str) -> None:
@@ -533,7 +616,7 @@ def print_endpoints(endpoints: list[console.Endpoint], account: keys.Secret, url
 
 
 # --- --demo -------------------------------------------------------------------------------------
-EMULATOR_CMD = ["-m", "vespa.emulator", "--cold-start", "3", "--https"]
+EMULATOR_CMD = ["-m", "vespa.emulator", "--cold-start", "3", "--https", "--also", "vespa-small"]
 
 
 @dataclass
@@ -605,16 +688,17 @@ def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     with emulator() as demo, tempfile.TemporaryDirectory(prefix="vespa-demo-cache-") as cache:
         ready = demo.ready
         account = keys.Secret(ready["account_key"], "the demo emulator", keys.FLAG)
-        name = args.endpoint or ready["endpoints"][0]["name"]
-        target = through_console(account, name, ready["console_url"])
-        proxy = Proxy(
-            target, args.host, port, ready["autoscaler_url"], args.web, args.debug, extra, ready["console_url"]
-        )
+        names = args.endpoint or [ep["name"] for ep in ready["endpoints"]]
+        urls = Instance(ready["autoscaler_url"], ready["console_url"])
+        proxy = several(args, extra, port, urls, account, endpoints.from_names(names, args.cost or 1.0))
         preflight(proxy)
         cmd = mitm_command(proxy)
         banner(proxy)
-        examples(proxy, "demo")
-        print("The demo endpoint has a 3 s cold start: the first request waits for a worker.")
+        examples(proxy, names[0])
+        if len(names) > 1:
+            print(f"It serves {len(names)} endpoints, chosen by the request's model: {', '.join(names)}.")
+            print(f"  curl {proxy.url}/v1/models   lists them (answered by the proxy, no worker woken).\n")
+        print(f"The demo endpoint {names[0]} has a 3 s cold start: the first request waits for a worker.")
         print("Ctrl-C stops the proxy and the emulator.\n", flush=True)
         return run_child(cmd, {**mitm_env(proxy), "XDG_CACHE_HOME": cache}, watch=demo)
 
@@ -631,11 +715,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             f"prefer env VAST_ACCOUNT_KEY / VAST_API_KEY or the key file {key_file()}."
         )
     urls = service_urls(args)
-    resolved = keys.resolve(account_key=args.account_key, api_key=args.api_key, endpoint=args.endpoint)
+    resolved = keys.resolve(account_key=args.account_key, api_key=args.api_key,
+                            endpoint=args.endpoint[0] if args.endpoint else None)
     for warning in resolved.warnings:
         say(f"warning: {warning}")
     if args.list:
         return list_endpoints(resolved, urls, args.host)
+    if args.all_endpoints or args.config or (args.endpoint and len(args.endpoint) > 1):
+        port = args.port or DEFAULT_PORT
+        check_port(args.host, port)
+        proxy = several(args, extra, port, urls, resolved.account_key, _catalog(args, resolved, urls))
+        preflight(proxy)
+        start_proxy(proxy)
+    if args.cost is not None:
+        extra = ["--set", f"vespa_default_cost={endpoints.parse_cost_option(args.cost)}", *extra]
     target, port = choose_target(args, resolved, urls)
     check_port(args.host, port)
     proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra, urls.console_url)

@@ -651,8 +651,11 @@ class Leg:
             return self._start_thread()
         vespa_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [vespa_root, os.environ.get("PYTHONPATH")]))}
-        for name in ("VAST_API_KEY", "VAST_ACCOUNT_KEY"):
-            env.pop(name, None)  # the keys arrive on stdin, and only the endpoint keys
+        # The keys arrive on stdin, and only the endpoint keys: none stays in the environment.
+        key_vars = {"VAST_API_KEY", "VAST_ACCOUNT_KEY", "VESPA_ENDPOINT_KEYS"}
+        key_vars |= {spec["api_key_env"] for spec in self.config.catalog.get("endpoints", ()) if spec.get("api_key_env")}
+        for name in key_vars:
+            env.pop(name, None)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "vespa.leg"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=env, close_fds=True,

@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoint", default="vespa-demo", help="endpoint name (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="workers of the endpoint (default: %(default)s)")
     p.add_argument(
+        "--also", action="append", default=[], metavar="NAME",
+        help="another endpoint, with one worker and no cold start (repeatable)",
+    )
+    p.add_argument(
         "--generation",
         choices=("B", "C"),
         default="C",
@@ -77,7 +81,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         name=args.endpoint, workers=args.workers, generation=args.generation, cold_start_s=args.cold_start
     )
     config = EmulatorConfig(
-        endpoints=[ep],
+        endpoints=[ep, *(EndpointConfig(name=name, workers=1) for name in args.also)],
         ttft_ms=args.ttft_ms,
         tokens_per_s=args.tokens_per_s,
         autoscaler_port=args.autoscaler_port,
