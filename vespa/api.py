@@ -21,8 +21,8 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 from types import TracebackType
 
 from mitmproxy import exceptions, hooks, options
