@@ -3,10 +3,15 @@
     async with VastClient("my-endpoint", endpoint_key, port=0) as client:
         OpenAI(base_url=client.url + "/v1", api_key="not-used")...
 
+It takes what the launcher takes, resolved the same way: `instance` (prod, alpha, candidate) sets
+the autoscaler and console URLs, `autoscaler_url` / `console_url` (or env VAST_URL) override them,
+and `worker_ca` is a file with Vast's worker root CA instead of downloading it from the console.
+
 `VastClient` runs mitmproxy's DumpMaster in a thread of its own (with its own event loop, so
 blocking clients called from the caller's loop cannot stall the proxy), with the same Vespa
 addon and the same options as `scripts/run.sh`, so there is one implementation. The key is
-handed to the addon object, never put in os.environ (which child processes would inherit).
+handed to the addon object and the URLs and CA file to mitmproxy's options in this process:
+none of them is put in os.environ (which child processes would inherit) or in process arguments.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import os
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 from mitmproxy import exceptions, hooks, options
@@ -56,6 +62,11 @@ def _console_url(instance: str, console_url: str | None) -> str:
     return (console_url or os.environ.get("VAST_URL") or _instance(instance).console_url).rstrip("/")
 
 
+def _autoscaler_url(instance: str, autoscaler_url: str | None) -> str:
+    # As the launcher's --autoscaler-url: no environment variable, the instance's by default.
+    return (autoscaler_url or _instance(instance).autoscaler_url).rstrip("/")
+
+
 def list_endpoints(account_key: str, instance: str = "prod", *, console_url: str | None = None) -> list[Endpoint]:
     """The account's endpoints (name, state, max_workers, api_key); [] when it has none.
 
@@ -78,9 +89,11 @@ def fetch_endpoint_key(
 class VastClient:
     """A Vespa proxy for one endpoint, running in a thread and event loop of its own.
 
-    `port=0` picks a free port; `url` is the real address once started. Errors at start
-    (bad options, port taken) raise ProxyStartError or ValueError; errors per request are
-    answered to the client as JSON, as with `scripts/run.sh`.
+    `port=0` picks a free port; `url` is the real address once started. `instance`,
+    `autoscaler_url`, `console_url` (else env VAST_URL) and `worker_ca` are the launcher's
+    --instance, --autoscaler-url, --console-url and `--set vespa_worker_ca=FILE`. Errors at start
+    (bad options, unreadable worker_ca, port taken) raise ProxyStartError, an unknown instance
+    ValueError; errors per request are answered to the client as JSON, as with `scripts/run.sh`.
     """
 
     def __init__(
@@ -90,8 +103,10 @@ class VastClient:
         port: int = DEFAULT_PORT,
         host: str = "127.0.0.1",
         *,
-        autoscaler_url: str | None = None,
         instance: str = "prod",
+        autoscaler_url: str | None = None,
+        console_url: str | None = None,
+        worker_ca: str | os.PathLike[str] | None = None,
         default_cost: float | None = None,
         route_deadline_s: int | None = None,
     ) -> None:
@@ -101,8 +116,14 @@ class VastClient:
         self._api_key = api_key
         self.host = host
         self.port = port
-        self.autoscaler_url = (autoscaler_url or _instance(instance).autoscaler_url).rstrip("/")
-        self._options: dict[str, object] = {}
+        self.autoscaler_url = _autoscaler_url(instance, autoscaler_url)
+        # Where the worker leg downloads Vast's worker root CA (the workers are HTTPS) unless
+        # worker_ca names a file with it: the launcher passes the same vespa_console_url.
+        self.console_url = _console_url(instance, console_url)
+        self._options: dict[str, object] = {"vespa_console_url": self.console_url}
+        if worker_ca is not None and os.fspath(worker_ca):  # "" is no file, as the option's default
+            # Checked (exists, is a certificate) by the addon at start, as for the launcher.
+            self._options["vespa_worker_ca"] = str(Path(worker_ca).expanduser())
         if default_cost is not None:
             self._options["vespa_default_cost"] = str(default_cost)
         if route_deadline_s is not None:
