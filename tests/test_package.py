@@ -130,7 +130,7 @@ def children(pid: int) -> list[int]:
 
 
 def stream_chat(base_url: str) -> str:
-    body = {"model": "any", "messages": [{"role": "user", "content": "Hello"}], "stream": True, "max_tokens": 4}
+    body = {"model": "vespa-demo", "messages": [{"role": "user", "content": "Hello"}], "stream": True, "max_tokens": 4}
     with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=30) as r:
         assert r.status_code == 200, r.text
         return "".join(chunk.decode() for chunk in r.iter_content(chunk_size=None))
