@@ -86,19 +86,52 @@ def _run(cmd: list[str], env: dict[str, str], port: int) -> Iterator[Proc]:
         p.log.unlink(missing_ok=True)
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants: Vespa is mitmdump plus its worker leg, and both count."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [pid], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [child for child, ppid in parents.items() if ppid == parent]
+        found += kids
+        todo += kids
+    return found
+
+
 def cpu_s(pid: int) -> float:
-    """User + system CPU time the process has used: less sensitive to a busy machine than wall time."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the process and its children use: less sensitive to a busy machine
+    than wall time."""
+    total = 0.0
+    for one in tree(pid):
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident memory of the process and its children (mitmdump and the worker leg)."""
+    total, seen = 0.0, False
+    for one in tree(pid):
+        try:
+            with open(f"/proc/{one}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+                        seen = True
+        except OSError:
+            continue
+    if not seen:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
 
 
 class PeakRss:
