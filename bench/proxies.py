@@ -36,7 +36,9 @@ def vespa_proxy(
     known = {
         "target": launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
         "host": "127.0.0.1", "port": port, "autoscaler_url": autoscaler_url, "console_url": console_url,
-        "web": False, "debug": False, "extra": [],
+        "web": False, "debug": False,
+        # VESPA_BENCH_LEG=thread measures the worker leg in the proxy's own process instead of its own.
+        "extra": ["--set", f"vespa_leg={os.environ['VESPA_BENCH_LEG']}"] if os.environ.get("VESPA_BENCH_LEG") else [],
     }
     # By field name, so the launcher can grow fields with defaults without breaking the bench.
     proxy = launcher.Proxy(**{f.name: known[f.name] for f in dataclasses.fields(launcher.Proxy) if f.name in known})

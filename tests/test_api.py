@@ -297,3 +297,32 @@ def test_list_and_fetch_take_the_console_from_vast_url_as_vastclient_does(emulat
     assert VastClient("demo", "k").console_url == emulator.console_url
     with pytest.raises(ValueError, match="prod, alpha, candidate"):
         VastClient("demo", "k", instance="beta")
+
+
+async def test_one_client_for_several_endpoints_chooses_by_model(tmp_path) -> None:
+    """VastClient takes several names and a dict of their keys (or config=): the same catalog,
+    choice and /v1/models as the launcher's; the keys stay in the object."""
+    import openai
+
+    from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
+
+    config = EmulatorConfig(endpoints=[EndpointConfig(name="big", workers=1), EndpointConfig(name="small", workers=1)],
+                            ttft_ms=1, tokens_per_s=1000.0)
+    async with Emulator(config) as emu:
+        keys = {ep.name: ep.api_key for ep in emu.config.endpoints}
+        cfg = tmp_path / "eps.toml"
+        cfg.write_text('[[endpoint]]\nname = "big"\naliases = ["large"]\n[[endpoint]]\nname = "small"\n')
+        for kwargs in ({"endpoint_name": ["big", "small"]}, {"endpoint_name": None, "config": cfg}):
+            async with VastClient(api_key=keys, port=0, autoscaler_url=emu.autoscaler_url,
+                                  console_url=emu.console_url, **kwargs) as client:
+                assert all(k not in os.environ.values() for k in keys.values())
+                oai = openai.AsyncOpenAI(base_url=client.url + "/v1", api_key="x", max_retries=0)
+                models = {m.id async for m in oai.models.list()}
+                assert {"big", "small"} <= models
+                for model, endpoint in (("big", "big"), ("small", "small")):
+                    before = len(emu.records.route)
+                    r = await oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+                    assert r.choices[0].message.content
+                    assert [rec.endpoint for rec in emu.records.route[before:] if rec.ready] == [endpoint]
+    with pytest.raises(ValueError):
+        VastClient(["big", "small"], "one-key-for-two")

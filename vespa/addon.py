@@ -81,11 +81,13 @@ class Shown:
 
 
 class Vespa:
-    def __init__(self, api_key: str | None = None, key_source: str | None = None) -> None:
+    def __init__(self, api_key: str | None = None, key_source: str | None = None,
+                 endpoint_keys: dict[str, str] | None = None) -> None:
         # Given by the Python API (vespa.api): the key stays in this object instead of
         # os.environ, where every child process of the caller would inherit it.
         self._api_key = api_key
         self._key_source = key_source
+        self._endpoint_keys = dict(endpoint_keys or {})
         self.telemetry = Telemetry()
         self.health = health.Health(self.telemetry)
         # A sub-addon: mitmproxy runs its hooks right after ours, for metrics and the request log.
@@ -276,13 +278,16 @@ class Vespa:
                 shared = None
             if not isinstance(shared, dict):
                 raise exceptions.OptionsError(f"vespa: env {KEYS_ENV} must be a JSON object of endpoint name to key.")
+        if self._endpoint_keys:
+            shared = {**shared, **self._endpoint_keys}
         single = self._api_key or env.get("VAST_API_KEY")
         found, missing = [], []
         for spec in catalog:
             if spec.api_key_env:
                 value, source = env.get(spec.api_key_env), f"env {spec.api_key_env}"
             elif spec.name in shared:
-                value, source = shared[spec.name], f"env {KEYS_ENV}"
+                value = shared[spec.name]
+                source = "VastClient(api_key={...})" if spec.name in self._endpoint_keys else f"env {KEYS_ENV}"
             elif len(catalog) == 1 and single:
                 value = single
                 source = self._key_source or env.get("VESPA_KEY_SOURCE", "env VAST_API_KEY")

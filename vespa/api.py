@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Mapping, Sequence
 
 from mitmproxy import exceptions, hooks, options
 from mitmproxy.tools.dump import DumpMaster
@@ -98,8 +99,8 @@ class VastClient:
 
     def __init__(
         self,
-        endpoint_name: str,
-        api_key: str,
+        endpoint_name: str | Sequence[str] | None,
+        api_key: str | Mapping[str, str],
         port: int = DEFAULT_PORT,
         host: str = "127.0.0.1",
         *,
@@ -107,13 +108,20 @@ class VastClient:
         autoscaler_url: str | None = None,
         console_url: str | None = None,
         worker_ca: str | os.PathLike[str] | None = None,
-        default_cost: float | None = None,
+        default_cost: float | str | None = None,
         route_deadline_s: int | None = None,
+        config: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not endpoint_name or not api_key:
+        # Several endpoints: a list of names (or `config`, a TOML file of them) and a mapping of
+        # name to endpoint key; requests choose by model or X-Vast-Endpoint, as with run.sh.
+        names = [endpoint_name] if isinstance(endpoint_name, str) else list(endpoint_name or [])
+        if not (names or config) or not api_key:
             raise ValueError("VastClient needs the endpoint name and its endpoint key (see fetch_endpoint_key)")
-        self.endpoint_name = endpoint_name
-        self._api_key = api_key
+        if isinstance(api_key, Mapping) != (len(names) != 1):
+            raise ValueError("give one endpoint name and its key, or several names (or config=) and a dict of their keys")
+        self.endpoint_name = ",".join(names)
+        self._api_key = api_key if isinstance(api_key, str) else None
+        self._endpoint_keys = dict(api_key) if isinstance(api_key, Mapping) else {}
         self.host = host
         self.port = port
         self.autoscaler_url = _autoscaler_url(instance, autoscaler_url)
@@ -128,6 +136,8 @@ class VastClient:
             self._options["vespa_default_cost"] = str(default_cost)
         if route_deadline_s is not None:
             self._options["vespa_route_deadline_s"] = route_deadline_s
+        if config is not None:
+            self._options["vespa_config"] = str(Path(config).expanduser())
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -250,7 +260,7 @@ class VastClient:
         errorcheck = master.addons.get("errorcheck")
         master.addons.remove(errorcheck)
         errorcheck.finish()  # its log handler sits on the root logger until then
-        addon = Vespa(api_key=self._api_key, key_source="VastClient(api_key=...)")
+        addon = Vespa(api_key=self._api_key, key_source="VastClient(api_key=...)", endpoint_keys=self._endpoint_keys)
         try:
             master.addons.add(addon)
             # As mitmproxy's script loader does: add() alone configures only the addons already
