@@ -359,3 +359,17 @@ def test_a_malformed_request_head_gets_json_not_html(proxy: Proxy) -> None:
     assert head.startswith(b"HTTP/1.1 400"), head
     assert b"content-type: application/json" in head.lower() and b"<html" not in body.lower()
     assert json.loads(body)["error"]["type"]
+
+
+def test_client_connections_share_one_warm_connection_per_worker(proxy: Proxy, emulator) -> None:
+    """Issue 12: mitmproxy keeps server connections per client connection; the worker leg pools
+    them for every client, so 20 fresh client connections reuse the workers' connections."""
+    for _ in range(2):  # warm: each worker once
+        requests.post(proxy.url + "/echo", json={}, timeout=30)
+    t0 = time.monotonic()
+    for i in range(20):
+        r = requests.post(proxy.url + "/echo", json={"i": i}, headers={"Connection": "close"}, timeout=30)
+        assert r.status_code == 200
+    recs = [r for r in emulator.records.worker if r.time >= t0]
+    assert sorted(r.payload["i"] for r in recs) == list(range(20))
+    assert len({r.connection for r in recs}) <= len(emulator.workers("demo"))

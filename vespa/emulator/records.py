@@ -46,6 +46,7 @@ class WorkerRecord:
     query: dict[str, str]
     headers: dict[str, str]
     payload: Any = None
+    connection: str = ""  # the peer address of the TCP connection that carried it
     auth_data: dict[str, Any] | None = None
     signature_ok: bool | None = None
     status_code: int | None = None

@@ -197,6 +197,7 @@ class Worker:
             path=request.path,
             query=dict(request.query),
             headers=dict(request.headers),
+            connection=str(request.transport.get_extra_info("peername") if request.transport else ""),
         )
         # Published now and completed in place: every field is final before the client can
         # see the end of the response, so a test never races the record.
