@@ -33,7 +33,7 @@ from bench.relay import CountingRelay
 RESULTS = Path(__file__).resolve().parent / "results"
 # Phase names as --phases takes them, in running order; the first six share one emulator.
 SHARED_PHASES = ("latency", "sse", "rss", "large", "cold", "connections")
-OWN_PHASES = ("wan", "https")
+OWN_PHASES = ("wan", "https", "legs")
 PHASES = SHARED_PHASES + OWN_PHASES
 
 
@@ -92,6 +92,9 @@ async def run(plan: phases.Plan, profile_to: Path | None, selected: list[str] | 
     if "https" in selected:
         log("loopback, HTTPS workers against plain-HTTP workers ...")
         results["https_loopback"] = await conn_phases.https_loopback(plan)
+    if "legs" in selected:
+        log("loopback, the worker leg in its own process against the leg in a thread ...")
+        results["legs"] = await conn_phases.legs(plan)
     return results
 
 

@@ -11,6 +11,10 @@ wan    The emulator's WAN knob puts the autoscaler and 4 HTTPS workers 25 ms awa
          vespa-kept   one kept-alive client connection (`requests.Session`, the OpenAI SDK)
          two-step     by hand: /route/ then the worker, one pooled aiohttp session (the limit, ~2 RTT)
        The client-to-Vespa leg is loopback, as it is for users.
+legs   Where the worker leg runs (issue 12: measure the options): one emulator with HTTPS workers,
+       Vespa with its leg in a process of its own (the default) and Vespa with it in a thread of
+       the proxy's process, side by side, fresh and kept-alive clients at c=1, 16 and 32, with
+       bare mitmproxy to the backend as the reference of the stretch target at c=32.
 https  On loopback, two emulators alike but for their workers' scheme, each with its own Vespa:
        HTTPS against plain-HTTP workers, with a new client connection per request and with
        kept-alive clients, each at c=1 (latency) and c=16 (throughput); the headline figures are
@@ -37,6 +41,8 @@ WAN_WORKERS = 4
 WAN_PATHS = ("vespa-fresh", "vespa-kept", "two-step")
 HTTPS_PATHS = ("vespa-http", "vespa-https")
 HTTPS_CONCURRENCY = (1, 16)
+LEG_PATHS = ("vespa-process", "vespa-thread", "bare-mitm")
+LEG_CONCURRENCY = (1, 16, 32)
 
 
 @contextlib.contextmanager
@@ -151,3 +157,31 @@ async def _closed_loops(senders: dict[str, load.Send], n: int, c: int, rounds: i
                               "rps_rounds": [k / w for k, w in walls[p]]}
         for p in paths
     }
+
+
+async def legs(plan: Plan) -> dict[str, Any]:
+    """The worker leg in its own process against the same leg in a thread, same run."""
+    out: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="vespa-bench-cache-"))
+        emu = stack.enter_context(EmulatorProcess(EmuOptions(https=True)))
+        info = emu.info
+        assert info is not None
+        emu.configure(ttft_ms=0, tokens_per_s=1e6)
+        proxies_ = _enter_together(stack, [
+            proxies.vespa_proxy(info.autoscaler_url, info.console_url, info.endpoint, info.api_key,
+                                env={"XDG_CACHE_HOME": cache}, leg=mode)
+            for mode in ("process", "thread")
+        ] + [proxies.bare_proxy(info.backend_url)])
+        targets = [
+            Targets(backend=info.backend_url, worker=info.worker_urls[0], autoscaler=info.autoscaler_url,
+                    endpoint=info.endpoint, api_key=info.api_key, vespa=p.url, bare=p.url)
+            for p in proxies_
+        ]
+        senders = {"vespa-process": targets[0].sender("vespa"), "vespa-thread": targets[1].sender("vespa"),
+                   "bare-mitm": targets[2].sender("bare-mitm")}
+        for client, force_close in (("fresh", True), ("kept", False)):
+            out[client] = {}
+            for c in LEG_CONCURRENCY:
+                out[client][str(c)] = await _closed_loops(senders, plan.latency_n[min(c, 16)], c, plan.rounds, force_close)
+    return out

@@ -28,7 +28,7 @@ BARE_OPTIONS = ("connection_strategy=lazy", "flow_detail=0")
 @contextlib.contextmanager
 def vespa_proxy(
     autoscaler_url: str, console_url: str, endpoint: str, api_key: str, strategy: str = "lazy",
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, leg: str | None = None,
 ) -> Iterator[Proc]:
     """`env` adds to the launcher's environment (e.g. XDG_CACHE_HOME, so the worker CA the addon
     downloads for HTTPS workers lands in a throw-away folder)."""
@@ -37,8 +37,8 @@ def vespa_proxy(
         "target": launcher.Target(endpoint=endpoint, key=api_key, key_source="bench", direct=True),
         "host": "127.0.0.1", "port": port, "autoscaler_url": autoscaler_url, "console_url": console_url,
         "web": False, "debug": False,
-        # VESPA_BENCH_LEG=thread measures the worker leg in the proxy's own process instead of its own.
-        "extra": ["--set", f"vespa_leg={os.environ['VESPA_BENCH_LEG']}"] if os.environ.get("VESPA_BENCH_LEG") else [],
+        # `leg` (or env VESPA_BENCH_LEG) = "thread": the worker leg in the proxy's own process.
+        "extra": ["--set", f"vespa_leg={mode}"] if (mode := leg or os.environ.get("VESPA_BENCH_LEG")) else [],
     }
     # By field name, so the launcher can grow fields with defaults without breaking the bench.
     proxy = launcher.Proxy(**{f.name: known[f.name] for f in dataclasses.fields(launcher.Proxy) if f.name in known})

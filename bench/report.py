@@ -59,6 +59,8 @@ def figures(r: dict[str, Any]) -> list[Figure]:
         out += _wan_figures(r["wan"])
     if "https_loopback" in r:
         out += _https_figures(r["https_loopback"])
+    if "legs" in r:
+        out += _leg_figures(r["legs"])
     return out
 
 
@@ -195,6 +197,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _wan_table(r["wan"])
     if "https_loopback" in r:
         lines += _https_table(r["https_loopback"])
+    if "legs" in r:
+        lines += _leg_table(r["legs"])
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +261,41 @@ def _https_table(h: dict[str, Any]) -> list[str]:
             cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in HTTPS_PATHS]
             ratio = paths["vespa-https"]["rps"] / paths["vespa-http"]["rps"]
             lines.append(f"| {client} | {c} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return lines
+
+
+def _leg_figures(legs: dict[str, Any]) -> list[Figure]:
+    out: list[Figure] = []
+    for client in ("fresh", "kept"):
+        for c in ("1", "16", "32"):
+            paths = legs[client][c]
+            proc, thread, bare = paths["vespa-process"], paths["vespa-thread"], paths["bare-mitm"]
+            out.append(Figure(f"Leg in a process / leg in a thread, {client} clients, c={c}: throughput (p50 latency "
+                              f"difference, ms, in the p99 column)", proc["rps"] / thread["rps"],
+                              proc["p50"] - thread["p50"], "ratio", "", None))
+        c32 = legs[client]["32"]
+        ratio = c32["vespa-process"]["rps"] / c32["bare-mitm"]["rps"]
+        out.append(Figure(f"Throughput at c=32, {client} clients: Vespa (leg process) / bare mitmproxy to the backend",
+                          ratio, c32["vespa-thread"]["rps"] / c32["bare-mitm"]["rps"], "ratio (thread in p99 column)",
+                          "stretch ≥ 1.0", ratio >= 1.0))
+    return out
+
+
+def _leg_table(legs: dict[str, Any]) -> list[str]:
+    from bench.conn_phases import LEG_PATHS
+
+    lines = [
+        "",
+        "Loopback, HTTPS workers: the worker leg in its own process, in a thread, and bare mitmproxy to the "
+        "backend (`POST /echo`), latency p50 / p99 in ms and requests/s:",
+        "",
+        "| client | concurrency | " + " | ".join(LEG_PATHS) + " |",
+        "|---|---|" + "---|" * len(LEG_PATHS),
+    ]
+    for client, by_c in legs.items():
+        for c, paths in by_c.items():
+            cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in LEG_PATHS]
+            lines.append(f"| {client} | {c} | " + " | ".join(cells) + " |")
     return lines
 
 
