@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.conftest import Proxy, endpoint_key, free_port, run_proxy, wait_for_port
-from tests.test_inspection import MITM12, Web, read_flows, wait_for
+from tests.test_inspection import MITM12, Web, lead, read_flows, wait_for
 
 # What an OpenAI SDK or a browser sends by itself: Vespa never forwards it, and must keep only its last 4.
 CLIENT_HEADERS = {
@@ -182,6 +182,11 @@ def test_no_client_key_and_no_signature_in_mitmweb_or_saved_flows_in_flight_and_
         headers = dict((k.lower(), v) for k, v in f["request"]["headers"])
         assert headers["authorization"] == "Bearer ...abcd" and headers["x-api-key"] == "...wxyz", headers
         assert headers["cookie"] == "...1234" and headers["proxy-authorization"] == "Basic ...cmV0", headers
+    # "streamed" only for the answer the worker streamed; the slow plain JSON one is not.
+    comments = {f["request"]["path"]: f["comment"] for f in api.flows()}
+    assert lead(comments["/v1/chat/completions"])["outcome"].startswith("streamed "), comments
+    assert not lead(comments["/v1/completions"])["outcome"].startswith("stream"), comments
+    assert lead(comments["/echo?x=1"])["status"] == "200", comments
     proxy.proc.terminate()
     proxy.proc.wait(15)
     assert len(read_flows(saved)) == 3
