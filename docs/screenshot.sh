@@ -31,9 +31,9 @@ done
 api() { curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$web$1"; }
 
 curl -sN "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "stream": true, "max_tokens": 12}' >/dev/null
+    -d '{"model": "vespa-demo", "messages": [{"role": "user", "content": "Hello!"}], "stream": true, "max_tokens": 12}' >/dev/null
 curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo", "prompt": "Hello!", "max_tokens": 12}' >/dev/null
+    -d '{"model": "vespa-demo", "prompt": "Hello!", "max_tokens": 12}' >/dev/null
 curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' -d '{"model": ' >/dev/null
 sleep 0.5
 id=$(api /flows | "$py" -c 'import json, sys; print(next(f["id"] for f in json.load(sys.stdin) if " 200 route=" in f["comment"] and "streamed" in f["comment"]))')

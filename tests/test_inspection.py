@@ -347,7 +347,7 @@ def test_run_sh_web_starts_mitmweb_showing_vespa_comments(tmp_path: Path) -> Non
                            "mitmweb's start-up line")
         api = Web(web_port, started.group(2))
         with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True,
-                           json={**CHAT, "model": "demo", "stream": True}, timeout=60) as r:
+                           json={**CHAT, "model": "vespa-demo", "stream": True}, timeout=60) as r:
             assert r.status_code == 200 and b"[DONE]" in r.raw.read()
         wait_for(lambda: [f for f in api.flows() if f["comment"].startswith("vespa-demo @ ")
                            and lead(f["comment"])["outcome"].startswith("streamed ")],
