@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -26,6 +27,16 @@ from vespa.inspection import Tap
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
 LARGE = 200_000  # bytes of /large, against a 4 KiB capture
+
+
+# The start of the comment, which is what mitmweb's Comment column has room for.
+LEAD = re.compile(r"(?P<endpoint>\S+) @ (?P<worker>\S+) (?P<status>\d{3}) route=\d+ms (?P<outcome>[^|]*?) \| ")
+
+
+def lead(comment: str) -> dict[str, str]:
+    m = LEAD.match(comment)
+    assert m, f"the comment does not lead with endpoint, worker, status, route time and outcome: {comment!r}"
+    return m.groupdict()
 
 
 def read_flows(path: Path) -> list:
@@ -134,13 +145,17 @@ def test_saved_flows_show_the_request_as_sent_and_what_vespa_did(saved, emulator
             assert shown in f.comment, (shown, f.comment)
         assert not f.marked
     # The streamed SSE body is kept whole; the plain answer as it was; /large only up to the capture.
-    assert sse.response.raw_content == seen["sse"] and "200 streamed" in sse.comment
-    assert echo.response.content == seen["echo"] and "-> 200" in echo.comment
+    assert sse.response.raw_content == seen["sse"]
+    assert lead(sse.comment) == {"endpoint": "demo-b", "worker": sse.metadata["vespa"]["worker"], "status": "200",
+                                 "outcome": f"streamed {len(seen['sse']) / 1024:.1f} KiB"}, sse.comment
+    assert echo.response.content == seen["echo"]
+    # A plain JSON answer is not called streamed.
+    assert lead(echo.comment)["status"] == "200" and lead(echo.comment)["outcome"] == f"{len(seen['echo'])} B", echo.comment
     assert large.response.raw_content == seen["large"][:4096]
     assert "kept the first 4.0 KiB" in large.comment and "195.3 KiB" in large.comment
     # Failures are marked and say why.
-    assert bad.marked == ":warning:" and "400 bad_body" in bad.comment
-    assert broken.marked == ":warning:" and "error" in broken.comment, broken.comment
+    assert bad.marked == ":warning:" and bad.comment.startswith("400 bad_body: "), bad.comment
+    assert broken.marked == ":warning:" and lead(broken.comment)["outcome"].startswith("error after "), broken.comment
 
 
 def test_replay_routes_and_signs_afresh(saved, emulator, tmp_path) -> None:
@@ -262,7 +277,7 @@ def test_mitmweb_shows_routing_facts_and_streamed_body_and_replays(web, emulator
             status = api.command("vespa.status")
             assert status["in_flight"] == 1
             (live,) = api.flows()
-            assert live["request"]["path"] == "/v1/chat/completions" and live["comment"].endswith("in flight")
+            assert live["request"]["path"] == "/v1/chat/completions" and lead(live["comment"])["outcome"] == "streaming"
             dump = api.get("/flows/dump").content
             assert dump and secrets_in(dump, emulator, t0, "demo") == []
             body = first + b"".join(chunks)
@@ -275,9 +290,14 @@ def test_mitmweb_shows_routing_facts_and_streamed_body_and_replays(web, emulator
     (rec,) = [w for w in emulator.records.worker if w.time >= t0]
     assert rec.signature_ok
     for shown in ("POST /v1/chat/completions", f"demo @ {rec.auth_data['url']}",
-                  f"idx={rec.auth_data['request_idx']}", "cost=1.0", "route=", "polls=0", "retries=0", "-> 200 streamed"):
+                  f"idx={rec.auth_data['request_idx']}", "cost=1.0", "route=", "polls=0", "retries=0"):
         assert shown in flow["comment"], (shown, flow["comment"])
+    assert lead(flow["comment"]) == {"endpoint": "demo", "worker": rec.auth_data["url"], "status": "200",
+                                     "outcome": f"streamed {len(body) / 1024:.1f} KiB"}, flow["comment"]
     assert flow["marked"] == ""
+    # The list says where the request went: the worker, not the autoscaler (nor Vespa's worker leg).
+    worker = urlsplit(rec.auth_data["url"])
+    assert (flow["request"]["host"], flow["request"]["port"]) == (worker.hostname, worker.port)
     assert flow["request"]["path"] == "/v1/chat/completions"
     sent = api.get(f"/flows/{flow['id']}/request/content.data").content
     assert json.loads(sent) == {**CHAT, "max_tokens": 10, "stream": True}
@@ -297,7 +317,7 @@ def test_mitmweb_shows_routing_facts_and_streamed_body_and_replays(web, emulator
     assert [r for r in emulator.records.route if r.time >= t1 and r.ready]
     replayed = wait_for(lambda: [f for f in api.flows()
                                  if f["id"] == flow["id"] and f"idx={again.auth_data['request_idx']}" in f["comment"]
-                                 and "-> 200" in f["comment"]], "the replayed flow's comment")
+                                 and lead(f["comment"])["status"] == "200"], "the replayed flow's comment")
     assert replayed[0]["request"]["path"] == "/v1/chat/completions"
 
     # A failure is marked in the list, and nothing the UI serves holds the key or a signature.
@@ -329,7 +349,8 @@ def test_run_sh_web_starts_mitmweb_showing_vespa_comments(tmp_path: Path) -> Non
         with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True,
                            json={**CHAT, "model": "vespa-demo", "stream": True}, timeout=60) as r:
             assert r.status_code == 200 and b"[DONE]" in r.raw.read()
-        wait_for(lambda: [f for f in api.flows() if "vespa-demo @ " in f["comment"] and "-> 200 streamed" in f["comment"]],
+        wait_for(lambda: [f for f in api.flows() if f["comment"].startswith("vespa-demo @ ")
+                           and lead(f["comment"])["outcome"].startswith("streamed ")],
                  "the demo flow in mitmweb")
         assert "comment" in api.get("/options").json()["web_columns"]["value"]
     finally:

@@ -403,7 +403,7 @@ def test_help_shows_every_option_and_run_sh_is_quick(home: Path) -> None:
     assert time.monotonic() - start < 3  # venv already set up: no pip, just Python's start-up
     for option in ("--endpoint NAME", "--api-key KEY", "--account-key KEY", "--list", "--port PORT",
                    "--host HOST", "--autoscaler-url URL", "--console-url URL", "--instance",
-                   "--debug", "--web", "--demo", "-- ARGS", "VAST_ENDPOINT", "VAST_API_KEY",
+                   "--debug", "--web", "--replay FILE", "--demo", "-- ARGS", "VAST_ENDPOINT", "VAST_API_KEY",
                    "VAST_ACCOUNT_KEY", "VAST_URL", "~/.vast_api_key", "(default: 8010)", "prod,alpha,candidate"):
         assert option in out, option
 

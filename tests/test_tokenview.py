@@ -9,9 +9,7 @@ are no token stream keep mitmproxy's own views.
 from __future__ import annotations
 
 import json
-import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,32 +291,14 @@ def test_unregister_gives_the_body_back_to_mitmproxys_views(emulator) -> None:
 
 
 # --- mitmweb --------------------------------------------------------------------------------------------
-LOADER = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {repo!r})
-    from vespa import tokenview
-
-    class LoadTokenView:
-        def load(self, loader):
-            tokenview.register()
-
-        def done(self):
-            tokenview.unregister()
-
-    addons = [LoadTokenView()]
-""")
-
-
-def test_mitmweb_renders_a_streamed_answer_with_the_view(emulator, tmp_path: Path) -> None:
-    """What mitmweb's Response tab asks for: `GET /flows/ID/response/content/<view>.json`."""
-    script = tmp_path / "load_tokenview.py"
-    script.write_text(LOADER.format(repo=str(Path(__file__).resolve().parents[1])))
+def test_mitmweb_renders_a_streamed_answer_with_the_view(emulator) -> None:
+    """What mitmweb's Response tab asks for: `GET /flows/ID/response/content/<view>.json`, with
+    only vespa_addon.py loaded (its `load` registers the view)."""
     token, web_port = "t" + str(time.monotonic_ns()), free_port()
     opts = [f"web_port={web_port}", "web_open_browser=false", "web_host=127.0.0.1"]
     if MITM12:
         opts.append(f"web_password={token}")
-    with run_proxy(emulator.autoscaler_url, "demo", endpoint_key(emulator, "demo"), *opts, tool="mitmweb",
-                   extra_args=("-s", str(script))) as p:
+    with run_proxy(emulator.autoscaler_url, "demo", endpoint_key(emulator, "demo"), *opts, tool="mitmweb") as p:
         wait_for_port(web_port, p.proc)
         api = Web(web_port, token if MITM12 else None)
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}

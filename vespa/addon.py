@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from mitmproxy import command, ctx, exceptions, http
 
-from vespa import endpoints, errorpage, health, inspection, keys, limits, wire, workerca
+from vespa import endpoints, errorpage, health, inspection, keys, limits, tokenview, wire, workerca
 from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
 from vespa.keys import mask
 from vespa.leg import CREDENTIAL_HEADERS, FACTS_HEADER, EndpointKey, Leg, LegConfig
@@ -33,7 +33,7 @@ log = logging.getLogger("vespa")
 
 DEFAULT_AUTOSCALER = "https://run.vast.ai"
 KEYS_ENV = "VESPA_ENDPOINT_KEYS"  # several endpoints' keys: a JSON object, name -> key
-STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+STREAM_TYPES = tokenview.SSE_TYPES + tokenview.NDJSON_TYPES
 # Options whose change needs a new worker leg (the leg holds keys, URLs and limits).
 LEG_OPTIONS = frozenset({
     "vespa_endpoint", "vespa_config", "vespa_autoscaler_url", "vespa_default_cost", "vespa_route_deadline_s",
@@ -104,6 +104,7 @@ class Vespa:
     def load(self, loader) -> None:
         # JSON instead of mitmproxy's HTML error page; undone in done() (see vespa/errorpage.py).
         errorpage.install()
+        tokenview.register()  # mitmweb's "LLM stream" view: a token stream read as its answer
         _raise_open_file_limit()
         limits.add_options(loader)
         loader.add_option(
@@ -315,6 +316,7 @@ class Vespa:
 
     def done(self) -> None:
         errorpage.uninstall()
+        tokenview.unregister()
         self.health.close()
         if self.setup is not None:
             self.setup.leg.stop()
@@ -490,10 +492,9 @@ def _path(flow: http.HTTPFlow) -> str:
 
 
 def _is_stream(headers: http.Headers) -> bool:
-    content_type = headers.get("content-type", "").lower()
-    if content_type.startswith(STREAM_TYPES) or "stream" in content_type:
-        return True
-    return "chunked" in headers.get("transfer-encoding", "").lower() and "content-length" not in headers
+    """An event or token stream, by its content type: Vast's workers send every answer chunked,
+    a plain JSON one too, so chunked alone says nothing."""
+    return headers.get("content-type", "").lower().startswith(STREAM_TYPES)
 
 
 def _option(opts, name: str):

@@ -36,6 +36,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
 )
 
+from vespa import inspection
 from vespa.errors import BadRequest, BodyTooLarge, LegUnreachable, VespaError, WorkerBroke
 
 log = logging.getLogger("vespa.errorpage")
@@ -142,8 +143,7 @@ def _reply(
 
 
 def _log(flow: http.HTTPFlow, err: VespaError) -> None:
-    flow.comment = (flow.comment + " | " if flow.comment else "") + f"vespa: {err.type}: {err.message}"
-    flow.marked = ":warning:"
+    inspection.note(flow, f"{err.status} {err.type}: {err.message}", failed=True)
     # The path without its query: clients put tokens there.
     log.warning("vespa: %s %s -> %s: %s", flow.request.method, flow.request.path.partition("?")[0], err.type, err.message)
 

@@ -51,6 +51,7 @@ def start(flow: http.HTTPFlow) -> None:
     flow.metadata.pop("vespa", None)
     if flow.marked == MARK:
         flow.marked = ""
+    flow.comment = comment({"sent": sent(flow.request)})
 
 
 def finish(flow: http.HTTPFlow, tap: Tap | None, failure: str | None = None) -> None:
@@ -64,14 +65,17 @@ def finish(flow: http.HTTPFlow, tap: Tap | None, failure: str | None = None) -> 
     status = flow.response.status_code
     if failure is not None:
         return note(flow, failure, failed=True)
-    streamed = bool(flow.metadata.get("vespa", {}).get("streamed"))
-    note(flow, _outcome(status, streamed, tap), failed=status >= 400)
+    facts = flow.metadata.setdefault("vespa", {})
+    facts["status"] = status
+    note(flow, _outcome(bool(facts.get("streamed")), tap), failed=status >= 400)
 
 
 def fail(flow: http.HTTPFlow, tap: Tap | None) -> None:
     """mitmproxy's error hook: the worker was unreachable or the stream broke."""
     if tap is not None and flow.response is not None:
         flow.response.raw_content = bytes(tap.buf)  # what arrived before the break
+    if flow.marked == MARK and flow.metadata.get("vespa", {}).get("outcome"):
+        return  # already said why (vespa/errorpage.py answered the client): keep that
     msg = flow.error.msg if flow.error else "unknown error"
     got = f" after {_size(tap.seen)}" if tap is not None else ""
     note(flow, f"error{got}: {msg}", failed=True)
@@ -94,31 +98,42 @@ def sent(request: http.Request) -> dict[str, Any]:
     return {"method": request.method, "path": path, "bytes": None if body is None else len(body)}
 
 
-def _outcome(status: int, streamed: bool, tap: Tap | None) -> str:
-    """`200 streamed 1.2 KiB`, `200 353 B`: "streamed" only for answers the worker streamed."""
+def _outcome(streamed: bool, tap: Tap | None) -> str:
+    """`streamed 1.2 KiB`, `353 B`: "streamed" only for answers the worker streamed."""
     kind = "streamed " if streamed else ""
     if tap is None:
-        return f"{status} {kind}(not kept: vespa_capture_kb=0)"
-    text = f"{status} {kind}{_size(tap.seen)}"
+        return f"{kind}(not kept: vespa_capture_kb=0)"
+    text = f"{kind}{_size(tap.seen)}"
     if tap.truncated:
         text += f", kept the first {_size(len(tap.buf))} (vespa_capture_kb)"
     return text
 
 
 def comment(facts: dict[str, Any]) -> str:
-    """`POST /v1/chat/completions (93 B) -> demo @ http://w:1 idx=7 cost=1.0 route=4ms polls=0
-    retries=0 -> 200 streamed 1.2 KiB`, built from whatever of the facts exist yet."""
-    parts = []
+    """What mitmweb's Comment column shows, most telling first, since only its start is visible:
+    `demo @ https://w:1 200 route=4ms streamed 1.2 KiB | POST /v1/chat/completions (93 B) idx=7
+    cost=1.0 polls=0 retries=0`, built from whatever of the facts exist yet. A failure leads with
+    its status and reason (`400 bad_body: ...`)."""
+    head = []
+    if "worker" in facts:
+        head.append(f"{facts['endpoint']} @ {facts['worker']}")
+    if "status" in facts:
+        head.append(str(facts["status"]))
+    if "route_ms" in facts:
+        head.append(f"route={facts['route_ms']:.0f}ms")
+    if "outcome" in facts:
+        head.append(facts["outcome"])
+    elif "worker" in facts:
+        head.append("streaming" if facts.get("streamed") else "answering")
+    else:
+        head.append("waiting for a worker")
+    rest = []
     if s := facts.get("sent"):
         size = "" if s["bytes"] is None else f" ({_size(s['bytes'])})"
-        parts.append(f"{s['method']} {s['path']}{size}")
+        rest.append(f"{s['method']} {s['path']}{size}")
     if "worker" in facts:
-        parts.append(
-            f"{facts['endpoint']} @ {facts['worker']} idx={facts['request_idx']} cost={facts['cost']} "
-            f"route={facts['route_ms']:.0f}ms polls={facts['polls']} retries={facts['retries']}"
-        )
-    parts.append(facts.get("outcome", "in flight"))
-    return "vespa: " + " -> ".join(parts)
+        rest.append(f"idx={facts['request_idx']} cost={facts['cost']} polls={facts['polls']} retries={facts['retries']}")
+    return " ".join(head) + (" | " + " ".join(rest) if rest else "")
 
 
 def _size(n: int) -> str:

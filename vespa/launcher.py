@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import difflib
 import getpass
 import json
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import IO, Iterator, NoReturn
 
 import requests
+from mitmproxy import exceptions
 
-from vespa import console, endpoints, keys
+from vespa import console, endpoints, keys, replay
 from vespa.errors import AutoscalerUnreachable, BadKey, EndpointNotFound, KeyRejected, VespaError
 from vespa.instances import INSTANCES, Instance
 from vespa.procs import stop
@@ -131,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default: 127.0.0.1; anything else makes the proxy reachable from the network)",
     )
     g.add_argument("--web", action="store_true", help="run mitmweb (web UI to inspect requests) instead of mitmdump")
+    g.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="send every request of a saved flow file (-w) again, routed and signed afresh, print one line per "
+        "flow and exit (0: a worker answered each); URLs come from these options, never from the file",
+    )
     g.add_argument("--debug", action="store_true", help="verbose mitmproxy log, and tracebacks on errors")
     g = p.add_argument_group("Vast services")
     g.add_argument(
@@ -169,6 +177,7 @@ examples:
   scripts/run.sh --demo
   VAST_ACCOUNT_KEY=... scripts/run.sh --endpoint my-endpoint
   scripts/run.sh --list
+  scripts/run.sh --replay flows.mitm --endpoint my-endpoint
 """
 
 
@@ -470,13 +479,9 @@ def mitm_binary(web: bool) -> Path:
 WEB_COLUMNS = ("tls", "icon", "method", "path", "status", "size", "time", "comment")
 
 
-def mitm_command(proxy: Proxy) -> list[str]:
-    cmd = [
-        str(mitm_binary(proxy.web)),
-        "-s", str(ADDON),
-        "--mode", f"reverse:{proxy.autoscaler_url}",
-        "--listen-host", proxy.host,
-        "-p", str(proxy.port),
+def vespa_options(proxy: Proxy) -> list[str]:
+    """The addon's settings (endpoints, URLs, logging): the same for the proxy and for --replay."""
+    opts = [
         *(arg for option in proxy.options or (f"vespa_endpoint={proxy.target.endpoint}",) for arg in ("--set", option)),
         "--set", f"vespa_autoscaler_url={proxy.autoscaler_url}",
         "--set", f"vespa_console_url={proxy.console_url}",
@@ -484,7 +489,19 @@ def mitm_command(proxy: Proxy) -> list[str]:
         "--set", "flow_detail=0",
     ]  # fmt: skip
     if proxy.debug:
-        cmd += ["--set", "termlog_verbosity=debug"]
+        opts += ["--set", "termlog_verbosity=debug"]
+    return opts
+
+
+def mitm_command(proxy: Proxy) -> list[str]:
+    cmd = [
+        str(mitm_binary(proxy.web)),
+        "-s", str(ADDON),
+        "--mode", f"reverse:{proxy.autoscaler_url}",
+        "--listen-host", proxy.host,
+        "-p", str(proxy.port),
+        *vespa_options(proxy),
+    ]  # fmt: skip
     if proxy.web:
         # mitmweb's list hides flow.comment unless asked, and it holds Vespa's one-line summary.
         for column in WEB_COLUMNS:
@@ -550,13 +567,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_child(cmd: list[str], env: dict[str, str], watch: Demo | None = None) -> int:
+def run_child(cmd: list[str], env: dict[str, str], watch: Demo | None = None, stdout: int | None = None) -> int:
     """Run mitmproxy in its own session so one Ctrl-C reaches it once, through us.
 
     With `watch`, mitmproxy is stopped and LaunchError raised as soon as that process exits:
     a proxy whose emulator is gone could only answer 502.
     """
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent, stdout=stdout)
     forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -703,11 +720,42 @@ def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
         return run_child(cmd, {**mitm_env(proxy), "XDG_CACHE_HOME": cache}, watch=demo)
 
 
+# --- --replay -----------------------------------------------------------------------------------
+def run_replay(proxy: Proxy, path: Path) -> int:
+    """Replay a saved file through a fresh mitmdump with Vespa; one line per flow on stdout
+    (mitmdump's own log goes to stderr). 0 when a worker answered every flow, else 1."""
+    try:
+        flows = replay.read(path)
+    except (OSError, exceptions.FlowReadException) as exc:
+        raise UsageError(f"cannot read {path} as saved flows ({exc})", "Give a file written with -w or mitmweb's File > Save.") from None
+    if not flows:
+        raise UsageError(f"{path} holds no HTTP flows to replay", "Give a file written with -w or mitmweb's File > Save.")
+    preflight(proxy)
+    # Only what the proxy itself is started with: the endpoint and the two URLs come from the
+    # command line and its defaults, never from the file.
+    options = ["--mode", f"reverse:{proxy.autoscaler_url}", *vespa_options(proxy)]
+    say(f"Replaying {len(flows)} flow(s) of {path} to endpoint '{proxy.target.endpoint}' via {proxy.autoscaler_url} ...")
+    with tempfile.TemporaryDirectory(prefix="vespa-replay-") as tmp:
+        out = replay.user_wfile(proxy.extra) or Path(tmp) / "replayed.mitm"
+        cmd = replay.command(mitm_binary(False), ADDON, path, out, options, proxy.extra)
+        code = run_child(cmd, mitm_env(proxy), stdout=sys.stderr.fileno())
+        results = replay.outcomes(flows, out)
+    for result in results:
+        print(result.line(), flush=True)
+    failed = [r for r in results if not r.answered]
+    say(f"{len(results) - len(failed)} of {len(results)} flow(s) answered by a worker")
+    if code != 0:
+        say(f"error: mitmdump exited with status {code}")
+    return 0 if code == 0 and not failed else 1
+
+
 # --- main ---------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.host not in LOCAL_HOSTS:
         say(f"warning: listening on {args.host}: the proxy, and your endpoint with it, is reachable from the network.")
     if args.demo:
+        if args.replay:
+            raise UsageError("--replay and --demo do not go together", "Replay against a real endpoint: --endpoint NAME.")
         return run_demo(args, extra)
     if args.account_key or args.api_key:
         say(
@@ -723,6 +771,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return list_endpoints(resolved, urls, args.host)
     if args.all_endpoints or args.config or (args.endpoint and len(args.endpoint) > 1):
         port = args.port or DEFAULT_PORT
+        if args.replay:  # no proxy listens: the port is not needed
+            proxy = several(args, extra, port, urls, resolved.account_key, _catalog(args, resolved, urls))
+            return run_replay(dataclasses.replace(proxy, port=0, web=False), Path(args.replay))
         check_port(args.host, port)
         proxy = several(args, extra, port, urls, resolved.account_key, _catalog(args, resolved, urls))
         preflight(proxy)
@@ -730,6 +781,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.cost is not None:
         extra = ["--set", f"vespa_default_cost={endpoints.parse_cost_option(args.cost)}", *extra]
     target, port = choose_target(args, resolved, urls)
+    if args.replay:
+        proxy = Proxy(target, args.host, 0, urls.autoscaler_url, False, args.debug, extra, urls.console_url)
+        return run_replay(proxy, Path(args.replay))
     check_port(args.host, port)
     proxy = Proxy(target, args.host, port, urls.autoscaler_url, args.web, args.debug, extra, urls.console_url)
     preflight(proxy)

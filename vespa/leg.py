@@ -355,7 +355,7 @@ class WorkerLeg:
                     response.headers.add(name, value)
             if upstream.content_length is not None and upstream.content_length <= self.config.max_body_bytes:
                 response.content_length = upstream.content_length
-            response.headers[FACTS_HEADER] = json.dumps(facts)
+            response.headers[FACTS_HEADER] = json.dumps({**facts, "status": upstream.status})
             sse = response.headers.get("content-type", "").startswith("text/event-stream")
             await response.prepare(request)
             try:

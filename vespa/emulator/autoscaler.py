@@ -102,6 +102,7 @@ class Autoscaler:
         )
         try:
             answer = self._answer(request, await request.read(), rec)
+            rec.signature = answer.get("signature")
         except RouteError as e:
             rec.status_code = e.status
             answer = e.body()
