@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, hooks, http
 
 from vespa import endpoints, errorpage, health, inspection, keys, limits, tokenview, wire, workerca
 from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
@@ -96,6 +96,7 @@ class Vespa:
         self.limits = limits.Limits()
         self.capture_bytes = 0
         self.flows: dict[str, Shown] = {}
+        self._web = None  # mitmweb's flow view, when there is one
         # This proxy's mark in the Via header of what its leg sends: seeing it come back means
         # a worker URL that points at the proxy itself, which would loop until file descriptors ran out.
         self.via = f"1.1 vespa-{secrets.token_hex(6)}"
@@ -175,6 +176,7 @@ class Vespa:
                 "vespa: ssl_insecure is set: worker certificates are NOT verified, so anyone on the path "
                 "to a worker can read and answer your requests. Use it only to debug."
             )
+        self._web = ctx.master.addons.get("view") if hasattr(ctx, "master") else None
         if self.setup is None or updated & LEG_OPTIONS:
             self._start_leg(opts)
         # Set last: each update runs configure() again, which must find the leg in place.
@@ -399,6 +401,8 @@ class Vespa:
         # mitmproxy reads flow.request after this hook only for a log line and a websocket check
         # (11.0.2 and 12.3.1): from here on the flow shows where the request went.
         _show(flow, shown, facts.get("worker"))
+        if self._web is not None:  # mitmweb's list: where it went now, not when the stream ends
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def response(self, flow: http.HTTPFlow) -> None:
         shown = self.flows.pop(flow.id, None)

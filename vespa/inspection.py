@@ -117,6 +117,8 @@ def comment(facts: dict[str, Any]) -> str:
     head = []
     if "worker" in facts:
         head.append(f"{facts['endpoint']} @ {facts['worker']}")
+    if facts.get("fallback_from"):
+        head.append(f"(fallback from {facts['fallback_from']}: {facts.get('fallback_reason', 'cold')})")
     if "status" in facts:
         head.append(str(facts["status"]))
     if "route_ms" in facts:
