@@ -247,21 +247,25 @@ def _wan_table(wan: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _https_table(h: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        "Loopback, Vespa with HTTPS workers against Vespa with plain-HTTP workers (`POST /echo`), "
-        "latency p50 / p99 in ms and requests/s:",
-        "",
-        "| client | concurrency | " + " | ".join(HTTPS_PATHS) + " | throughput HTTPS / HTTP |",
-        "|---|---|" + "---|" * (len(HTTPS_PATHS) + 1),
-    ]
-    for client, by_c in h.items():
-        for c, paths in by_c.items():
-            cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in HTTPS_PATHS]
-            ratio = paths["vespa-https"]["rps"] / paths["vespa-http"]["rps"]
-            lines.append(f"| {client} | {c} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+def _loops_table(title: str, data: dict[str, Any], paths: tuple[str, ...],
+                 ratio: tuple[str, str, str] | None = None) -> list[str]:
+    """Closed-loop results by client kind and concurrency: p50 / p99 and requests/s per path, and
+    `ratio` = (column title, numerator path, denominator path) of their throughputs."""
+    lines = ["", title, "", "| client | concurrency | " + " | ".join(paths) + (f" | {ratio[0]} |" if ratio else " |"),
+             "|---|---|" + "---|" * (len(paths) + bool(ratio))]
+    for client, by_c in data.items():
+        for c, result in by_c.items():
+            cells = [f"{_n(result[p]['p50'])} / {_n(result[p]['p99'])} ms, {result[p]['rps']:.0f}/s" for p in paths]
+            if ratio:
+                cells.append(f"{result[ratio[1]]['rps'] / result[ratio[2]]['rps']:.2f}")
+            lines.append(f"| {client} | {c} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _https_table(h: dict[str, Any]) -> list[str]:
+    return _loops_table("Loopback, Vespa with HTTPS workers against Vespa with plain-HTTP workers (`POST /echo`), "
+                        "latency p50 / p99 in ms and requests/s:", h, HTTPS_PATHS,
+                        ("throughput HTTPS / HTTP", "vespa-https", "vespa-http"))
 
 
 def _leg_figures(legs: dict[str, Any]) -> list[Figure]:
@@ -284,19 +288,9 @@ def _leg_figures(legs: dict[str, Any]) -> list[Figure]:
 def _leg_table(legs: dict[str, Any]) -> list[str]:
     from bench.conn_phases import LEG_PATHS
 
-    lines = [
-        "",
-        "Loopback, HTTPS workers: the worker leg in its own process, in a thread, and bare mitmproxy to the "
-        "backend (`POST /echo`), latency p50 / p99 in ms and requests/s:",
-        "",
-        "| client | concurrency | " + " | ".join(LEG_PATHS) + " |",
-        "|---|---|" + "---|" * len(LEG_PATHS),
-    ]
-    for client, by_c in legs.items():
-        for c, paths in by_c.items():
-            cells = [f"{_n(paths[p]['p50'])} / {_n(paths[p]['p99'])} ms, {paths[p]['rps']:.0f}/s" for p in LEG_PATHS]
-            lines.append(f"| {client} | {c} | " + " | ".join(cells) + " |")
-    return lines
+    return _loops_table("Loopback, HTTPS workers: the worker leg in its own process, in a thread, and bare "
+                        "mitmproxy to the backend (`POST /echo`), latency p50 / p99 in ms and requests/s:",
+                        legs, LEG_PATHS)
 
 
 PLOTTED = ("latency", "sse", "rss_streams", "large")
