@@ -10,9 +10,11 @@ COPY vespa ./vespa
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.13-slim
-ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# VESPA_PORT is the port the proxy listens on inside the container, for the entry script and the
+# HEALTHCHECK alike: with --network host it must differ from 8010 when that is taken.
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VESPA_PORT=8010
 COPY --from=build /wheels /wheels
-# Every dependency ships a wheel for this Python: no compiler needed.
+# Every dependency ships a wheel for this Python, or is pure Python (pyperclip): no compiler needed.
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
     && groupadd --gid 10001 vespa \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin vespa
@@ -24,9 +26,9 @@ WORKDIR /home/vespa
 EXPOSE 8010
 # Ready means the proxy can route: /_vespa/health answers 503 when the autoscaler is unreachable.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8010/_vespa/health', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/_vespa/health' % os.environ['VESPA_PORT'], timeout=4)"]
 # 0.0.0.0: inside the container, or the published port could not reach the proxy. It is reachable
 # only where `docker run -p` publishes it (the README publishes on the host's 127.0.0.1 only).
 # In ENTRYPOINT rather than CMD so that `docker run IMAGE --instance alpha` keeps it.
-ENTRYPOINT ["vespa-container-entry", "--host", "0.0.0.0", "--port", "8010"]
+ENTRYPOINT ["vespa-container-entry", "--host", "0.0.0.0"]
 CMD []

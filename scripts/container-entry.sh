@@ -4,7 +4,19 @@
 # VAST_ACCOUNT_KEY_FILE=/run/secrets/vast_account_key, into the key variables the launcher reads,
 # then runs the `vespa` command with the arguments given. The key goes into the environment only,
 # never into an argument, which `ps` shows to every user.
+# The port comes from VESPA_PORT (the Dockerfile sets 8010), never from --port: the HEALTHCHECK,
+# which runs apart from this process, reads the same variable, so the two cannot disagree.
 set -eu
+for arg in "$@"; do
+  case $arg in
+    --) break ;;  # mitmproxy's own arguments follow
+    # argparse also takes an unambiguous prefix of --port
+    --p | --po | --por | --port | --p=* | --po=* | --por=* | --port=*)
+      echo "error: the port is set with VESPA_PORT in a container, not with $arg" >&2
+      echo "hint: docker run -e VESPA_PORT=N ... (publish it with -p 127.0.0.1:N:N); the HEALTHCHECK follows VESPA_PORT." >&2
+      exit 2 ;;
+  esac
+done
 for name in VAST_ACCOUNT_KEY VAST_API_KEY; do
   eval "file=\${${name}_FILE:-}"
   [ -n "$file" ] || continue
@@ -22,4 +34,4 @@ for name in VAST_ACCOUNT_KEY VAST_API_KEY; do
   export "$name=$value"
   unset "${name}_FILE"
 done
-exec vespa "$@"
+exec vespa --port "${VESPA_PORT:-8010}" "$@"

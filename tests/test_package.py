@@ -174,16 +174,18 @@ def entrypoint() -> list[str]:
     return [str(REPO / copies[f"/usr/local/bin/{argv[0]}"]), *argv[1:]]
 
 
-def healthcheck(port: int) -> list[str]:
+def healthcheck() -> list[str]:
+    """The HEALTHCHECK as written: it must find the port itself, from the container's VESPA_PORT."""
     argv = json.loads(instruction("HEALTHCHECK").split(" CMD ", 1)[1])
-    return [sys.executable if a == "python" else a.replace(":8010/", f":{port}/") for a in argv]
+    return [sys.executable if a == "python" else a for a in argv]
 
 
 def test_dockerfile_is_a_slim_non_root_image_publishing_the_proxy_on_all_interfaces() -> None:
     assert re.findall(r"^FROM (\S+)", dockerfile(), re.M)[-1] == "python:3.13-slim"
     user = instruction("USER").split(":")[0]
     assert user.isdigit() and int(user) != 0
-    assert entrypoint()[1:] == ["--host", "0.0.0.0", "--port", "8010"]
+    assert entrypoint()[1:] == ["--host", "0.0.0.0"]
+    assert "VESPA_PORT=8010" in instruction("ENV").split()
     assert "/_vespa/health" in instruction("HEALTHCHECK")
     # Everything the image COPYs from the build context passes .dockerignore.
     kept = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
@@ -208,10 +210,11 @@ def run_container_entry(installed: Installed, vast: Emulator, emulator: contextl
     secret.write_text(vast.config.account_key + "\n")
     secret.chmod(0o600)
     port = free_port()
-    env = installed.env(tmp_path, VAST_ENDPOINT="team-llm", VAST_ACCOUNT_KEY_FILE=str(secret), VAST_URL=vast.console_url)
-    # As `docker run IMAGE ARGS` appends ARGS to ENTRYPOINT; the last --host/--port win, so the
-    # test listens on loopback and a free port instead of the image's 0.0.0.0:8010.
-    argv = [*entrypoint(), "--autoscaler-url", vast.autoscaler_url, "--host", "127.0.0.1", "--port", str(port)]
+    env = installed.env(tmp_path, VAST_ENDPOINT="team-llm", VAST_ACCOUNT_KEY_FILE=str(secret), VAST_URL=vast.console_url,
+                        VESPA_PORT=str(port))
+    # As `docker run -e VESPA_PORT=N IMAGE ARGS`, which appends ARGS to ENTRYPOINT; the last --host
+    # wins, so the test listens on loopback and a free port instead of the image's 0.0.0.0:8010.
+    argv = [*entrypoint(), "--autoscaler-url", vast.autoscaler_url, "--host", "127.0.0.1"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -223,11 +226,12 @@ def run_container_entry(installed: Installed, vast: Emulator, emulator: contextl
         assert child_env["VAST_API_KEY"] == vast.config.endpoints[0].api_key
         assert "VAST_ACCOUNT_KEY" not in child_env and "VAST_ACCOUNT_KEY_FILE" not in child_env
         assert "data: [DONE]" in stream_chat(f"http://127.0.0.1:{port}")
-        assert subprocess.run(healthcheck(port), timeout=10).returncode == 0
+        # `docker exec` runs the HEALTHCHECK with the container's environment, VESPA_PORT included.
+        assert subprocess.run(healthcheck(), env=env, timeout=10).returncode == 0
         emulator.close()
         # Unhealthy once the autoscaler is gone (after the health probe's 5 s cache).
         deadline = time.monotonic() + 15
-        while subprocess.run(healthcheck(port), capture_output=True, timeout=10).returncode == 0:
+        while subprocess.run(healthcheck(), env=env, capture_output=True, timeout=10).returncode == 0:
             assert time.monotonic() < deadline, "the healthcheck still passes with no autoscaler"
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
@@ -249,6 +253,19 @@ def test_container_entry_refuses_a_bad_secret_before_starting(installed: Install
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "\nhint: " in done.stderr
     assert "Starting proxy" not in done.stdout and "0123" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("arg", [["--port", "9000"], ["--port=9000"], ["--por", "9000"]])
+def test_container_entry_refuses_a_port_argument_the_healthcheck_would_not_follow(
+        installed: Installed, tmp_path: Path, arg: list[str]) -> None:
+    """`docker run IMAGE --port 9000` would listen where the HEALTHCHECK never looks: the
+    container would turn unhealthy while it serves. The port is VESPA_PORT's, for both."""
+    env = installed.env(tmp_path, VAST_ENDPOINT="team-llm", VAST_ACCOUNT_KEY="acct-0123456789abcdef")
+    done = subprocess.run([*entrypoint(), *arg], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "VESPA_PORT" in done.stderr and "\nhint: " in done.stderr
+    assert "Starting proxy" not in done.stdout
 
 
 def test_container_entry_without_an_endpoint_fails_with_a_hint(installed: Installed, tmp_path: Path) -> None:
