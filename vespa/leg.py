@@ -179,7 +179,9 @@ class WorkerLeg:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
-        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        # auto_decompress off: the body's Content-Encoding is undone in _decode, bounded (a gzip
+        # bomb), and once only (aiohttp's own decoding made every gzip body fail there).
+        server = web.Server(self.handle, handler_cancellation=True, access_log=None, auto_decompress=False)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
