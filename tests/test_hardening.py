@@ -1,0 +1,432 @@
+"""Hardening (issue 16), end to end: default OS limits, oversized and hostile input, odd requests.
+
+Each test reproduces one case of the issue against a real mitmdump + vespa_addon.py (and its
+worker leg), with real clients (raw sockets where the framing matters, requests, aiohttp), and
+checks what the client got and what the emulator recorded. docs/RELIABILITY.md lists the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import selectors
+import socket
+import struct
+import threading
+import time
+import zlib
+from typing import Iterable, Iterator
+
+import pytest
+import requests
+
+from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy
+from vespa.emulator import Emulator
+
+MIB = 1 << 20
+LIMIT_KB = 10240  # vespa_max_body_kb's default: the proxies below run with it
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    # The test process holds both ends of thousands of sockets (clients and the emulator).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        with Emulator(demo_config()) as e:
+            yield e
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def hproxy(emu: Emulator) -> Iterator[Proxy]:
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+        _wait_started(p)
+        yield p
+
+
+def _wait_started(p: Proxy) -> None:
+    deadline = time.monotonic() + 20
+    while "listening at" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
+def since(records: list, t0: float) -> list:
+    return [r for r in records if r.time >= t0]
+
+
+# --- raw HTTP/1.1 over a socket ---------------------------------------------------------------------
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_response(s: socket.socket, timeout: float = 30.0) -> bytes:
+    """One response with a Content-Length body; a reset after it was read is fine."""
+    s.settimeout(timeout)
+    buf = b""
+    while True:
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        if sep:
+            length = parse(buf)[1].get("content-length")
+            if length is not None and len(body) >= int(length):
+                return buf
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return buf
+        buf += data
+
+
+def exchange(port: int, raw: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        return parse(read_response(s, timeout))
+
+
+def upload(port: int, head: bytes, body: Iterable[bytes]) -> tuple[bytes, int]:
+    """Send `head`, then `body` as fast as the proxy takes it, but stop and read as soon as an
+    answer arrives (a careful client, like curl, watches for an early answer). Returns the
+    answer and the body bytes sent."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+        s.setblocking(False)
+        pending = b""
+        pieces = iter(body)
+        with selectors.DefaultSelector() as sel:
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while True:
+                events = sel.select(30)
+                assert events, "the proxy neither read the body nor answered for 30 s"
+                if events[0][1] & selectors.EVENT_READ:
+                    break
+                if not pending:
+                    pending = next(pieces, b"")
+                    if not pending:
+                        break
+                try:
+                    n = s.send(pending)
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                pending = pending[n:]
+                sent += n
+        s.setblocking(True)
+        return read_response(s), sent
+
+
+def assert_vespa_json(status: int, headers: dict[str, str], body: bytes, err_type: str) -> dict:
+    assert b"<html" not in body.lower(), body[:300]
+    assert headers["content-type"].startswith("application/json"), headers
+    assert headers["x-vespa-error"] == err_type, (headers, body[:300])
+    error = json.loads(body)["error"]
+    assert error["type"] == err_type and error["message"] and error["hint"]
+    return error
+
+
+# --- memory of the proxy: mitmdump and its worker leg --------------------------------------------------
+def _vmrss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def proxy_rss(p: Proxy) -> int:
+    """Resident bytes of mitmdump plus its worker leg child."""
+    return sum(_vmrss(pid) for pid in [p.proc.pid, *_children(p.proc.pid)])
+
+
+@contextlib.contextmanager
+def peak_rss(p: Proxy) -> Iterator[dict[str, int]]:
+    """The proxy's RSS before, at its peak (sampled every 10 ms) and after the block."""
+    seen = {"before": proxy_rss(p), "peak": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen["peak"] = max(seen["peak"], proxy_rss(p))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        time.sleep(0.2)
+        stop.set()
+        t.join()
+        seen["after"] = proxy_rss(p)
+        print(f"\nproxy RSS (mitmdump + leg): {seen['before'] / MIB:.0f} -> peak {seen['peak'] / MIB:.0f} "
+              f"-> {seen['after'] / MIB:.0f} MiB")
+
+
+# --- 2. the body limit holds before the bytes are held -----------------------------------------------
+# Measured with the 10 MiB default: the proxy's RSS (mitmdump + leg) grew by at most ~25 MiB
+# for each upload below (a 10 MiB buffer plus read chunks and the JSON answer), whatever was
+# sent: 100 GB declared, 400 MiB declared, 1.5 GiB chunked, a 2 GiB gzip bomb.
+RSS_BOUND = LIMIT_KB * 1024 + 100 * MIB
+
+
+def test_declared_100_gb_body_gets_413_at_once_without_reading(hproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    status, headers, body = exchange(
+        hproxy.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 107374182400\r\n\r\n",  # no body byte follows
+        timeout=10,
+    )
+    elapsed = time.monotonic() - t0
+    assert status == 413
+    assert_vespa_json(status, headers, body, "body_too_large")
+    assert elapsed < 2, elapsed  # answered on the head alone (the issue: nothing within 6 s)
+    assert since(emu.records.route, t0) == [] and since(emu.records.worker, t0) == []
+
+
+def _zeros(total: int, piece: int = MIB) -> Iterator[bytes]:
+    block = b"0" * piece
+    for _ in range(total // piece):
+        yield block
+
+
+def test_declared_400_mib_upload_gets_413_and_memory_stays_bounded(hproxy: Proxy, emu: Emulator) -> None:
+    size = 400 * MIB
+    t0 = time.monotonic()
+    with peak_rss(hproxy) as rss:
+        raw, sent = upload(
+            hproxy.port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % size,
+            _zeros(size),
+        )
+    status, headers, body = parse(raw)
+    assert status == 413
+    assert_vespa_json(status, headers, body, "body_too_large")
+    print(f"sent {sent / MIB:.0f} MiB of {size / MIB:.0f} before the 413")
+    assert sent < size
+    assert rss["peak"] - rss["before"] < RSS_BOUND
+    assert since(emu.records.route, t0) == []
+
+
+def _chunked(total: int, piece: int = MIB) -> Iterator[bytes]:
+    for block in _zeros(total, piece):
+        yield b"%x\r\n%s\r\n" % (len(block), block)
+    yield b"0\r\n\r\n"
+
+
+def test_chunked_1_5_gib_upload_gets_413_and_memory_stays_bounded(hproxy: Proxy, emu: Emulator) -> None:
+    size = 1536 * MIB
+    t0 = time.monotonic()
+    with peak_rss(hproxy) as rss:
+        raw, sent = upload(
+            hproxy.port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            _chunked(size),
+        )
+    status, headers, body = parse(raw)
+    assert status == 413  # the issue: 400 bad_body after 3.8 GB
+    assert_vespa_json(status, headers, body, "body_too_large")
+    print(f"sent {sent / MIB:.0f} MiB of {size / MIB:.0f} before the 413")
+    assert sent < 200 * MIB
+    assert rss["peak"] - rss["before"] < RSS_BOUND
+    assert since(emu.records.route, t0) == []
+
+
+def gzip_bomb(decoded: int, block: int = MIB) -> bytes:
+    """A valid gzip stream of `decoded` zero bytes, about 1/1000 of that size, built in
+    milliseconds: after a full flush the compressor starts afresh, so every block of zeros
+    compresses to the same bytes and one compressed block is repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(block)
+    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    end = c.flush()[:-8]  # the final empty block, without the trailer for two blocks
+    crc = 0
+    for _ in range(decoded // block):
+        crc = zlib.crc32(zeros, crc)
+    trailer = struct.pack("<II", crc, decoded & 0xFFFFFFFF)
+    return first + again * (decoded // block - 1) + end + trailer
+
+
+def test_gzip_bomb_construction_is_valid_gzip() -> None:
+    import gzip
+
+    assert gzip.decompress(gzip_bomb(8 * 4096, block=4096)) == bytes(8 * 4096)
+
+
+def test_gzip_body_is_decoded_once_and_reaches_the_worker_as_json(hproxy: Proxy, emu: Emulator) -> None:
+    import gzip
+
+    t0 = time.monotonic()
+    r = requests.post(hproxy.url + "/echo", data=gzip.compress(json.dumps({"a": [1, 2]}).encode()), timeout=30,
+                      headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text  # was 400 bad_body: the leg's server decoded it, then the leg again
+    assert r.json()["payload"] == {"a": [1, 2]}
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.payload == {"a": [1, 2]} and "content-encoding" not in {k.lower() for k in rec.headers}
+
+
+def test_gzip_bomb_gets_413_on_its_decoded_size(hproxy: Proxy, emu: Emulator) -> None:
+    bomb = gzip_bomb(2048 * MIB)  # 2 GiB decoded
+    assert len(bomb) < 3 * MIB < LIMIT_KB * 1024  # under the limit as sent
+    t0 = time.monotonic()
+    with peak_rss(hproxy) as rss:
+        r = requests.post(
+            hproxy.url + "/v1/chat/completions", data=bomb, timeout=60,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+    assert r.status_code == 413  # the issue: the leg reached 1.42 GB
+    error = assert_vespa_json(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content, "body_too_large")
+    assert "decoded" in error["message"]
+    assert rss["peak"] - rss["before"] < RSS_BOUND
+    assert since(emu.records.route, t0) == []
+
+
+# --- 3. thousands of headers ------------------------------------------------------------------------------
+def test_20000_headers_431_json_and_other_clients_not_stalled(hproxy: Proxy, emu: Emulator) -> None:
+    stalls: list[float] = []
+    stop = threading.Event()
+
+    def other_client() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                t = time.monotonic()
+                assert s.post(hproxy.url + "/echo", json={}, timeout=30).status_code == 200
+                stalls.append(time.monotonic() - t)
+
+    t = threading.Thread(target=other_client, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+    head += b"".join(b"X-H-%d: v\r\n" % i for i in range(20000))
+    status, headers, body = exchange(hproxy.port, head + b"\r\n{}")
+    answered = time.monotonic() - t0
+    time.sleep(0.3)
+    stop.set()
+    t.join()
+    assert status == 431  # vespa_max_headers, 256 by default
+    error = assert_vespa_json(status, headers, body, "too_many_headers")
+    assert "20003 header fields" in error["message"]  # with Host, Content-Type, Content-Length
+    assert not any("X-H-0" in rec.headers for rec in since(emu.records.worker, t0))
+    worst = max(stalls)
+    print(f"\n20,000 headers answered in {answered * 1000:.0f} ms; slowest other request "
+          f"{worst * 1000:.0f} ms of {len(stalls)}")
+    assert worst < 5  # the issue: every client froze ~48 s
+
+
+# --- 4. odd requests --------------------------------------------------------------------------------------
+def test_100000_deep_json_array_is_400_bad_body(hproxy: Proxy, emu: Emulator) -> None:
+    t0 = time.monotonic()
+    body = b"[" * 100_000 + b"]" * 100_000
+    r = requests.post(hproxy.url + "/v1/chat/completions", data=body,
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400  # the issue: 500 internal_error RecursionError
+    assert_vespa_json(400, {k.lower(): v for k, v in r.headers.items()}, r.content, "bad_body")
+    assert since(emu.records.route, t0) == []
+
+
+@pytest.mark.parametrize("line", [
+    b"GET * HTTP/1.1",
+    b"OPTIONS * HTTP/1.1",
+    b"CONNECT example.com:443 HTTP/1.1",
+    b"GET example.com:443 HTTP/1.1",
+])
+def test_non_origin_targets_400_json_and_no_route_call(hproxy: Proxy, emu: Emulator, line: bytes) -> None:
+    t0 = time.monotonic()
+    status, headers, body = exchange(hproxy.port, line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert status == 400, body
+    assert_vespa_json(status, headers, body, "bad_request")
+    time.sleep(0.2)  # a route call would have been made by now
+    assert since(emu.records.route, t0) == [] and since(emu.records.worker, t0) == []
+
+
+@pytest.mark.parametrize("path", ["//echo/a", "/echo//a/", "/echo/a%2Fb/../c?x=1&x=2"])
+def test_path_reaches_the_worker_exactly_as_sent(hproxy: Proxy, emu: Emulator, path: str) -> None:
+    import http.client
+
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", hproxy.port, timeout=30)
+    try:
+        conn.request("GET", path)  # sent as given: no normalisation on the client side
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    (rec,) = since(emu.records.worker, t0)
+    assert rec.raw_path.partition("?")[0] == path.partition("?")[0]  # the issue: //echo/a arrived as //////echo/a
+    from urllib.parse import parse_qsl
+
+    client_query = [(k, v) for k, v in parse_qsl(rec.raw_path.partition("?")[2]) if not k.startswith("serverless_")]
+    assert client_query == parse_qsl(path.partition("?")[2])  # order and repeats kept
+    target = path.partition("?")[0]
+    if target.startswith("/echo") and "%" not in path:  # the emulator's worker forwards the decoded path; the backend's echo says it
+        assert resp.status == 200 and json.loads(body)["path"] == target
+
+
+@pytest.mark.parametrize("framing", ["chunked", "sse"])
+def test_worker_401_in_any_framing_is_vespa_json(hproxy: Proxy, emu: Emulator, framing: str) -> None:
+    t0 = time.monotonic()
+    with _faults(emu, status=401, status_framing=framing):
+        r = requests.post(hproxy.url + "/v1/chat/completions", json={**CHAT, "stream": framing == "sse"}, timeout=30)
+    assert r.status_code == 502
+    assert_vespa_json(502, {k.lower(): v for k, v in r.headers.items()}, r.content, "worker_rejected_signature")
+    assert all(rec.status_code == 401 for rec in since(emu.records.worker, t0))
+
+
+@pytest.mark.parametrize("framing", ["chunked", "sse"])
+def test_worker_429_in_any_framing_is_retryable_vespa_json(hproxy: Proxy, emu: Emulator, framing: str) -> None:
+    t0 = time.monotonic()
+    with _faults(emu, status=429, status_framing=framing):
+        r = requests.post(hproxy.url + "/v1/chat/completions", json={**CHAT, "stream": framing == "sse"}, timeout=30)
+    assert r.status_code == 503
+    error = assert_vespa_json(503, {k.lower(): v for k, v in r.headers.items()}, r.content, "worker_unavailable")
+    assert int(r.headers["retry-after"]) > 0 and "not processed" in error["message"]
+    recs = since(emu.records.worker, t0)
+    assert len(recs) == 4 and all(rec.status_code == 429 and not rec.reached_backend for rec in recs)
+
+
+def test_route_answer_without_url_or_status_is_502_at_once(hproxy: Proxy, emu: Emulator) -> None:
+    (ep,) = [e for e in emu.config.endpoints if e.name == "demo"]
+    t0 = time.monotonic()
+    ep.route_answer = {}
+    try:
+        r = requests.post(hproxy.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    finally:
+        ep.route_answer = None
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 502
+    assert_vespa_json(502, {k.lower(): v for k, v in r.headers.items()}, r.content, "bad_route_answer")
+    assert len(since(emu.records.route, t0)) == 1  # not polled (the issue: until the 600 s deadline)
+    assert elapsed < 5
+    assert since(emu.records.worker, t0) == []
+
+
+@contextlib.contextmanager
+def _faults(emu: Emulator, **knobs) -> Iterator[None]:
+    workers = emu.workers("demo")
+    saved = [{k: getattr(w.faults, k) for k in knobs} for w in workers]
+    try:
+        for w in workers:
+            for k, v in knobs.items():
+                setattr(w.faults, k, v)
+        yield
+    finally:
+        for w, old in zip(workers, saved):
+            for k, v in old.items():
+                setattr(w.faults, k, v)
