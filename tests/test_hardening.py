@@ -69,14 +69,17 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def read_response(s: socket.socket, timeout: float = 30.0) -> bytes:
-    """One response with a Content-Length body; a reset after it was read is fine."""
+    """One response (Content-Length or chunked body, left chunked); a reset after it was read is fine."""
     s.settimeout(timeout)
     buf = b""
     while True:
         head, sep, body = buf.partition(b"\r\n\r\n")
         if sep:
-            length = parse(buf)[1].get("content-length")
+            headers = parse(buf)[1]
+            length = headers.get("content-length")
             if length is not None and len(body) >= int(length):
+                return buf
+            if "chunked" in headers.get("transfer-encoding", "") and body.endswith(b"0\r\n\r\n"):
                 return buf
         try:
             data = s.recv(65536)
@@ -430,3 +433,77 @@ def _faults(emu: Emulator, **knobs) -> Iterator[None]:
         for w, old in zip(workers, saved):
             for k, v in old.items():
                 setattr(w.faults, k, v)
+
+
+# --- 5. the header timeout ----------------------------------------------------------------------------------
+HEAD_TIMEOUT_S = 2
+
+
+def test_half_sent_heads_are_closed_after_the_header_timeout_while_others_are_served(emu: Emulator) -> None:
+    """3,000 connections that never finish their request head (slowloris) are closed by the
+    proxy about vespa_header_timeout_s after they connected; a normal client is served
+    meanwhile, and its kept-alive connection outlives the timeout (the timer ends at a head)."""
+    n = 3000
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
+                   f"vespa_header_timeout_s={HEAD_TIMEOUT_S}") as p:
+        _wait_started(p)
+        slow: list[tuple[socket.socket, float]] = []
+        keep = None
+        try:
+            for i in range(n):
+                s = socket.create_connection(("127.0.0.1", p.port), timeout=30)
+                s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # the final CRLF never comes
+                slow.append((s, time.monotonic()))
+                if i == n // 2:
+                    t = time.monotonic()
+                    assert requests.post(p.url + "/echo", json={}, timeout=30).status_code == 200
+                    print(f"\na normal request among {i} half-sent heads took {(time.monotonic() - t) * 1000:.0f} ms")
+            opened_at = time.monotonic()
+            # Those that connected long enough ago are closed already; the newest are not yet.
+            closed_early = _wait_closed([s for s, _ in slow], timeout=0)
+            old = [s for s, t in slow if opened_at - t > HEAD_TIMEOUT_S + 5]
+            new = [s for s, t in slow if opened_at - t < HEAD_TIMEOUT_S - 0.5]
+            # Meanwhile: a normal client is served, twice on one connection, across the timeout.
+            keep = socket.create_connection(("127.0.0.1", p.port), timeout=30)
+            keep.sendall(b"GET /echo/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = parse(read_response(keep))
+            assert status == 200
+            closed_late = _wait_closed([s for s, _ in slow if s not in closed_early], timeout=HEAD_TIMEOUT_S + 20)
+            keep.sendall(b"GET /echo/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = parse(read_response(keep))
+            assert status == 200  # its timer ended with its first head
+        finally:
+            if keep is not None:
+                keep.close()
+            for s, _ in slow:
+                s.close()
+    last = max(closed_late.values(), default=opened_at) - opened_at
+    print(f"{n} half-sent heads opened in {opened_at - slow[0][1]:.1f} s; {len(closed_early)} closed by then, "
+          f"the rest within {last:.1f} s more")
+    assert len(closed_early) + len(closed_late) == n  # every one closed by the proxy
+    assert old and all(s in closed_early for s in old)
+    assert new and not any(s in closed_early for s in new)  # not before the timeout
+    assert last < HEAD_TIMEOUT_S + 10
+
+
+def _wait_closed(socks: list[socket.socket], timeout: float) -> dict[socket.socket, float]:
+    """When each socket saw the server close it (EOF or reset), waiting at most `timeout`."""
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while len(closed) < len(socks):
+            events = sel.select(max(0.0, deadline - time.monotonic()))
+            if not events:
+                break
+            for key, _ in events:
+                s = key.fileobj
+                try:
+                    data = s.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b"", data[:200]  # closed without an answer (nothing to answer)
+                closed[s] = time.monotonic()
+                sel.unregister(s)
+    return closed
