@@ -507,3 +507,124 @@ def _wait_closed(socks: list[socket.socket], timeout: float) -> dict[socket.sock
                 closed[s] = time.monotonic()
                 sel.unregister(s)
     return closed
+
+
+# --- 1. the open-file limit -----------------------------------------------------------------------------------
+def _nofile(pid: int) -> tuple[int, int]:
+    """(soft, hard) open-file limit of a running process."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+async def _load(url: str, n: int, n_tokens: int, timeout_s: float = 120,
+                keep_alive: bool = True) -> list[tuple[int, str, bytes, bytes]]:
+    """n requests at once: even ones streamed completions, odd ones a 2 KiB body echoed back.
+    Each result: (status, expected, got, raw body) with expected == got when intact."""
+    import aiohttp
+
+    from vespa.emulator.backend import completion_text
+
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, str, bytes, bytes]:
+        if i % 2 == 0:
+            body = {"model": "m", "prompt": f"p{i}", "max_tokens": n_tokens, "stream": True}
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                raw = await resp.read()
+            text = "".join(json.loads(line[6:])["choices"][0]["text"]
+                           for line in raw.split(b"\n") if line.startswith(b"data: {"))
+            return resp.status, completion_text(n_tokens), text.encode(), raw
+        blob = f"{i:06d}" * 340  # 2 KiB, different for every request
+        async with session.post(url + "/echo", json={"i": i, "blob": blob}) as resp:
+            raw = await resp.read()
+        got = json.loads(raw).get("payload") if resp.status == 200 else None
+        return resp.status, json.dumps({"i": i, "blob": blob}), json.dumps(got).encode(), raw
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    connector = aiohttp.TCPConnector(limit=0, force_close=not keep_alive)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+        return await asyncio.gather(*(one(s, i) for i in range(n)))
+
+
+def test_1000_concurrent_half_streamed_under_a_1024_soft_file_limit(emu: Emulator) -> None:
+    """The default soft limit (1024) allowed about 500 requests at once: the proxy raises it to
+    the hard limit at start, so 1,000 at once (500 streamed, every one with a body) all arrive
+    intact. Timing and memory are reported, not asserted."""
+    n, n_tokens = 1000, 6
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"), nofile="-Sn 1024") as p:
+        _wait_started(p)
+        hard = _nofile(p.proc.pid)[1]
+        assert hard > 4 * n, "the hard limit is too low for this test to mean anything"
+        for pid in [p.proc.pid, *_children(p.proc.pid)]:  # mitmdump, and the leg it started
+            assert _nofile(pid) == (hard, hard)
+        rss0 = proxy_rss(p)
+        t0 = time.monotonic()
+        results = asyncio.run(_load(p.url, n, n_tokens))
+        elapsed = time.monotonic() - t0
+        rss1 = proxy_rss(p)
+    failed = [(status, raw[:200]) for status, _, _, raw in results if status != 200]
+    corrupted = [i for i, (status, want, got, _) in enumerate(results) if status == 200 and want.encode() != got]
+    print(f"\nload: {n} requests in {elapsed:.1f} s; proxy RSS (mitmdump + leg) {rss0 / MIB:.0f} -> {rss1 / MIB:.0f} MiB")
+    assert failed == [] and corrupted == []
+
+
+def test_at_the_open_file_limit_a_request_never_sent_is_a_retryable_503(emu: Emulator) -> None:
+    """A hard limit too low to raise (80 files): requests beyond it fail for want of a file
+    descriptor, in mitmproxy (connecting to the leg) or in the leg (connecting to the
+    autoscaler or a worker). Nothing was sent to a worker for them, so each such answer is a
+    503 with Retry-After saying "not processed", never "may have been processed"; the others
+    arrive intact."""
+    n = 300
+    t0 = time.monotonic()
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"), nofile="-n 80") as p:
+        _wait_started(p)
+        results = asyncio.run(_load(p.url, n, 2, timeout_s=60))
+        log = p.log()
+    ok = [r for r in results if r[0] == 200]
+    assert all(want.encode() == got for _, want, got, _ in ok)
+    failed = [(status, raw) for status, _, _, raw in results if status != 200]
+    kinds: dict[str, int] = {}
+    for status, raw in failed:
+        assert b"may have been processed" not in raw, raw
+        error = json.loads(raw)["error"]
+        kinds[error["type"]] = kinds.get(error["type"], 0) + 1
+        assert status == 503, raw
+        assert "not processed" in error["message"] + error["hint"]
+    print(f"\nat 80 files: {len(ok)} ok, failures {kinds}")
+    assert failed, "the limit was never reached: the test proves nothing"
+    assert "Too many open files" in log
+    # Whatever failed was never sent to a worker more than once.
+    served = [r for r in since(emu.records.worker, t0) if r.reached_backend]
+    assert len(served) <= len(ok) + len(failed)
+
+
+def test_leg_at_its_open_file_limit_a_request_never_sent_is_a_retryable_503(emu: Emulator) -> None:
+    """Only the worker leg at a low limit (prlimit on the running leg: 60 files), so it is the
+    leg that runs out: connecting to the autoscaler or a worker fails with errno 24, and its
+    accept waits. One connection per request: kept-alive client connections make mitmproxy keep
+    its connections to the leg, which then hold the leg's few files until they idle out (75 s)."""
+    n = 300
+    t0 = time.monotonic()
+    with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
+        _wait_started(p)
+        (leg,) = _children(p.proc.pid)
+        resource.prlimit(leg, resource.RLIMIT_NOFILE, (60, 60))
+        results = asyncio.run(_load(p.url, n, 2, timeout_s=60, keep_alive=False))
+        log = p.log()
+    ok = [r for r in results if r[0] == 200]
+    assert all(want.encode() == got for _, want, got, _ in ok)
+    failed = [(status, raw) for status, _, _, raw in results if status != 200]
+    kinds: dict[str, int] = {}
+    for status, raw in failed:
+        error = json.loads(raw)["error"]
+        kinds[error["type"]] = kinds.get(error["type"], 0) + 1
+    print(f"\nleg at 60 files: {len(ok)} ok, failures {kinds}")
+    for status, raw in failed:
+        assert b"may have been processed" not in raw, raw
+        error = json.loads(raw)["error"]
+        assert status == 503, raw
+        assert "not processed" in error["message"] + error["hint"]
+    assert failed, "the limit was never reached: the test proves nothing"
+    assert "no file descriptor left to connect to" in log  # the leg's connect to a worker: routed again
+    # asyncio's accept error, once per pending connection per second, is summed up (it was 155,706 lines in 20 s).
+    assert log.count("out of system resource") == 0 and log.count("at its open-file limit") <= 3
