@@ -126,7 +126,11 @@ def upload(port: int, head: bytes, body: Iterable[bytes]) -> tuple[bytes, int]:
                 pending = pending[n:]
                 sent += n
         s.setblocking(True)
-        return read_response(s), sent
+        answer = read_response(s)
+        # Then the proxy must close the connection (mitmproxy left it open, unread, for good).
+        closed = _wait_closed([s], timeout=5, drain=True)
+        assert closed, "the proxy answered but kept the connection open"
+        return answer, sent
 
 
 def assert_vespa_json(status: int, headers: dict[str, str], body: bytes, err_type: str) -> dict:
@@ -486,8 +490,9 @@ def test_half_sent_heads_are_closed_after_the_header_timeout_while_others_are_se
     assert last < HEAD_TIMEOUT_S + 10
 
 
-def _wait_closed(socks: list[socket.socket], timeout: float) -> dict[socket.socket, float]:
-    """When each socket saw the server close it (EOF or reset), waiting at most `timeout`."""
+def _wait_closed(socks: list[socket.socket], timeout: float, drain: bool = False) -> dict[socket.socket, float]:
+    """When each socket saw the server close it (EOF or reset), waiting at most `timeout`;
+    with drain, data before the close is skipped, else it fails the test."""
     closed: dict[socket.socket, float] = {}
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
@@ -503,6 +508,8 @@ def _wait_closed(socks: list[socket.socket], timeout: float) -> dict[socket.sock
                     data = s.recv(4096)
                 except ConnectionResetError:
                     data = b""
+                if data and drain:
+                    continue
                 assert data == b"", data[:200]  # closed without an answer (nothing to answer)
                 closed[s] = time.monotonic()
                 sel.unregister(s)
