@@ -573,6 +573,7 @@ def test_1000_concurrent_half_streamed_under_a_1024_soft_file_limit(emu: Emulato
     corrupted = [i for i, (status, want, got, _) in enumerate(results) if status == 200 and want.encode() != got]
     print(f"\nload: {n} requests in {elapsed:.1f} s; proxy RSS (mitmdump + leg) {rss0 / MIB:.0f} -> {rss1 / MIB:.0f} MiB")
     assert failed == [] and corrupted == []
+    assert rss1 < rss0 * 2 + 50 * MIB  # back near its start, not growing per request
 
 
 def test_at_the_open_file_limit_a_request_never_sent_is_a_retryable_503(emu: Emulator) -> None:
