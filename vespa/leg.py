@@ -87,6 +87,7 @@ DROP_RESPONSE = frozenset({
 # Deeper JSON than any API payload; Python's parser would hit its recursion limit past ~100k.
 MAX_JSON_DEPTH = 512
 READ_CHUNK = 1 << 16
+LEG_MAX_HEADERS = 1 << 16  # from the addon only, which refuses more than vespa_max_headers itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +182,10 @@ class WorkerLeg:
         )
         # auto_decompress off: the body's Content-Encoding is undone in _decode, bounded (a gzip
         # bomb), and once only (aiohttp's own decoding made every gzip body fail there).
-        server = web.Server(self.handle, handler_cancellation=True, access_log=None, auto_decompress=False)
+        # max_headers: aiohttp's default (128) answered plain-text 400s below vespa_max_headers (256),
+        # which the addon enforces, with Vespa's 431, before a request gets here.
+        server = web.Server(self.handle, handler_cancellation=True, access_log=None, auto_decompress=False,
+                            max_headers=LEG_MAX_HEADERS)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
