@@ -49,8 +49,12 @@ def run_proxy(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     wait: bool = True,
+    nofile: str | None = None,
 ) -> Iterator[Proxy]:
-    """mitmdump (or mitmweb) with vespa_addon.py, the way the README and the launcher run it."""
+    """mitmdump (or mitmweb) with vespa_addon.py, the way the README and the launcher run it.
+
+    nofile: `ulimit` arguments for the proxy's open-file limit, e.g. "-Sn 1024" (the soft limit
+    most machines start with) or "-n 100" (soft and hard); `exec` keeps proc.pid mitmdump's."""
     port = free_port()
     args = [
         str(BIN / tool), "-s", str(ADDON), "--mode", f"reverse:{autoscaler_url}",
@@ -61,6 +65,8 @@ def run_proxy(
     for opt in options:
         args += ["--set", opt]
     args += list(extra_args)
+    if nofile is not None:
+        args = ["bash", "-c", f'ulimit {nofile} && exec "$@"', "bash", *args]
     full_env = {**os.environ, "VAST_API_KEY": api_key, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VAST_ENDPOINT", None)
     log_file = tempfile.NamedTemporaryFile("wb", prefix="vespa-proxy-", suffix=".log", delete=False)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from vespa import endpoints, errorpage, health, inspection, keys, limits, tokenview, wire, workerca
+from vespa import endpoints, errorpage, headtimeout, health, inspection, keys, limits, tokenview, wire, workerca
 from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
 from vespa.keys import mask
 from vespa.leg import CREDENTIAL_HEADERS, FACTS_HEADER, EndpointKey, Leg, LegConfig
@@ -91,7 +91,7 @@ class Vespa:
         self.telemetry = Telemetry()
         self.health = health.Health(self.telemetry)
         # A sub-addon: mitmproxy runs its hooks right after ours, for metrics and the request log.
-        self.addons = [self.telemetry]
+        self.addons = [self.telemetry, headtimeout.HeadTimeout()]
         self.setup: Setup | None = None
         self.limits = limits.Limits()
         self.capture_bytes = 0

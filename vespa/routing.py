@@ -7,6 +7,7 @@ costs one TCP/TLS handshake, and awaiting it never blocks mitmproxy's event loop
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -160,6 +161,17 @@ class Router:
                 failure: Exception = RouteTimeout(
                     f"the autoscaler did not answer /route/ within {s.call_timeout_s:g} s"
                 )
+            except aiohttp.ClientConnectorError as e:
+                if e.os_error.errno == errno.EMFILE:  # no socket, so nothing was sent
+                    failure = WorkerUnavailable(
+                        "the proxy has no file descriptor left to call the autoscaler (Too many open files); "
+                        "the request was not processed and may be retried",
+                        hint="Too many requests at once for this process's open-file limit (ulimit -n); retry shortly.",
+                    )
+                else:
+                    failure = AutoscalerUnreachable(
+                        f"cannot reach the autoscaler at {s.autoscaler_url}: {type(e).__name__} {e}".strip()
+                    )
             except aiohttp.ClientError as e:
                 failure = AutoscalerUnreachable(
                     f"cannot reach the autoscaler at {s.autoscaler_url}: {type(e).__name__} {e}".strip()

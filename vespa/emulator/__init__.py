@@ -62,6 +62,9 @@ class EndpointConfig:
     max_perf: float = 1000.0  # workload units per second per worker
     # With https: the workers' certificates come from another CA than the console's (an impostor).
     untrusted_cert: bool = False
+    # When set, /route/ answers exactly this JSON (200) once the key is accepted: a malformed
+    # answer ({} say) as a broken autoscaler might send. Read at every call.
+    route_answer: dict | None = None
 
 
 @dataclass

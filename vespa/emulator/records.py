@@ -54,6 +54,7 @@ class WorkerRecord:
     reached_backend: bool = False
     chunks_sent: int = 0
     client_disconnected: bool = False
+    raw_path: str = ""  # the request target as it arrived: path and query, %-escapes kept
     # Which WorkerFaults knob decided the outcome: "status", "stall", "die_after_chunks",
     # "reset_before_headers".
     fault: str | None = None

@@ -67,6 +67,9 @@ class WorkerFaults:
     refuse: connects are refused (port closed). blackhole: connects time out (see
     serving.Blackhole); refuse wins when both are set. reset_before_headers: the request is read
     and verified, then the connection is reset before any response byte (the backend never runs).
+    status_framing: how the `status` answer is framed: "plain" (Content-Length, empty body, as
+    the SDK worker answers), "chunked" (a small JSON body in chunks) or "sse" (text/event-stream,
+    chunked): a proxy must recognise the status whatever the framing.
     """
 
     refuse: bool = False
@@ -75,6 +78,7 @@ class WorkerFaults:
     stall_s: float = 0.0
     reset_before_headers: bool = False
     blackhole: bool = False
+    status_framing: str = "plain"
     _on_listener_change: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -195,6 +199,7 @@ class Worker:
             worker_id=self.id,
             method=request.method,
             path=request.path,
+            raw_path=request.raw_path,
             query=dict(request.query),
             headers=dict(request.headers),
             connection=str(request.transport.get_extra_info("peername") if request.transport else ""),
@@ -249,7 +254,10 @@ class Worker:
         faults = self._faults
         if faults.status is not None:
             rec.fault = "status"
-            raise Rejected(faults.status)
+            if faults.status_framing == "plain":
+                raise Rejected(faults.status)
+            rec.status_code = faults.status
+            return await _framed_status(request, faults.status, faults.status_framing)
         if faults.reset_before_headers:
             rec.fault = "reset_before_headers"
             _abort(request, reset=True)
@@ -319,6 +327,22 @@ class Worker:
         rec.fault = "die_after_chunks"
         _abort(request)
         return True
+
+
+async def _framed_status(request: web.Request, status: int, framing: str) -> web.StreamResponse:
+    """A fault status sent chunked, or as an SSE stream, instead of with a Content-Length."""
+    sse = framing == "sse"
+    if framing not in ("chunked", "sse"):
+        raise ValueError(f"status_framing must be plain, chunked or sse, got {framing!r}")
+    content_type = "text/event-stream" if sse else "application/json"
+    resp = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    error = json.dumps({"error": f"fault status {status}"}).encode()
+    for part in ((b"data: " + error + b"\n\n",) if sse else (error[:5], error[5:])):
+        await resp.write(part)
+    await resp.write_eof()
+    return resp
 
 
 def _abort(request: web.Request, reset: bool = False) -> None:
