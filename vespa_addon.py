@@ -1,5 +1,5 @@
 """Vespa as a mitmproxy script: `mitmdump -s vespa_addon.py --mode reverse:https://run.vast.ai ...`."""
 
-from vespa.addon import Vespa
+from vespa.proxy.addon import Vespa
 
 addons = [Vespa()]

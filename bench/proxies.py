@@ -1,7 +1,7 @@
 """The mitmdump processes under test, and their memory.
 
 Vespa runs with exactly the command and environment `scripts/run.sh` builds
-(`vespa.launcher.mitm_command`/`mitm_env`), so the figures are the ones users get.
+(`vespa.cli.launcher.mitm_command`/`mitm_env`), so the figures are the ones users get.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from vespa import launcher
+from vespa.cli import launcher
 from vespa.procs import free_port, stop, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent

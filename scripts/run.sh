@@ -7,4 +7,4 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 vespa_venv requirements.txt
 # No cd: relative paths given to mitmproxy after `--` stay relative to the caller's directory.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$VENV_PY" -m vespa.launcher "$@"
+exec "$VENV_PY" -m vespa.cli.launcher "$@"

@@ -10,9 +10,9 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow
 
-from vespa import addon as addon_module
-from vespa.addon import Vespa
-from vespa.leg import FACTS_HEADER
+from vespa.proxy import addon as addon_module
+from vespa.proxy.addon import Vespa
+from vespa.proxy.leg import FACTS_HEADER
 
 KEY = "ep-secret-key-1234"
 

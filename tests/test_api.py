@@ -23,7 +23,8 @@ import pytest
 import requests
 
 from tests.conftest import REPO, endpoint_key, free_port
-from vespa import VastClient, fetch_endpoint_key, list_endpoints, launcher
+from vespa import VastClient, fetch_endpoint_key, list_endpoints
+from vespa.cli import launcher
 from vespa.api import ProxyStartError
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
 from vespa.emulator.backend import DEFAULT_MAX_TOKENS, completion_text
@@ -179,7 +180,7 @@ def readme_python_example() -> str:
 
 
 def leg_processes() -> list[int]:
-    """This process's children running the worker leg (`python -m vespa.leg`)."""
+    """This process's children running the worker leg (`python -m vespa.proxy.leg`)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -187,7 +188,7 @@ def leg_processes() -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile
-        if ppid == os.getpid() and b"vespa.leg" in cmdline:
+        if ppid == os.getpid() and b"vespa.proxy.leg" in cmdline:
             pids.append(int(stat.parent.name))
     return pids
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vespa import console
+from vespa.cli import console
 from vespa.errors import ConsoleError, EndpointNotFound, KeyRejected
 
 ACCOUNT = "acct-0123456789abcdef-AAAA"

@@ -1,4 +1,4 @@
-"""Unit tests for vespa/endpoints.py: the endpoint catalog, its config file, and per-request choices."""
+"""Unit tests for vespa/proxy/endpoints.py: the endpoint catalog, its config file, and per-request choices."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vespa import endpoints
-from vespa.endpoints import Catalog, EndpointSpec, choose, from_json, from_names, load_config, model_of, workload
+from vespa.proxy import endpoints
+from vespa.proxy.endpoints import Catalog, EndpointSpec, choose, from_json, from_names, load_config, model_of, workload
 from vespa.errors import BadConfig, BadCost, ModelNotFound, UnknownEndpoint, VespaError
 
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -648,3 +648,24 @@ def test_leg_at_its_open_file_limit_a_request_never_sent_is_a_retryable_503(emu:
     assert "no file descriptor left to connect to" in log  # the leg's connect to a worker: routed again
     # asyncio's accept error, once per pending connection per second, is summed up (it was 155,706 lines in 20 s).
     assert log.count("out of system resource") == 0 and log.count("at its open-file limit") <= 3
+
+
+@pytest.mark.parametrize("size", [6_000, 40_000])
+def test_long_header_values_and_urls_get_json_never_a_plain_text_400(hproxy: Proxy, emu: Emulator, size: int) -> None:
+    """aiohttp (the leg, and Vast's PyWorker) refuses a line over 8190 bytes with a plain-text 400;
+    the addon lets through up to 8000 and answers 431/414 JSON past it."""
+    t0 = time.monotonic()
+    r = requests.post(hproxy.url + "/echo", json={}, headers={"X-Trace": "t" * size}, timeout=30)
+    if size <= 8000:
+        assert r.status_code == 200 and r.json()["headers"]["X-Trace"] == "t" * size
+    else:
+        assert_vespa_json(r.status_code, r.headers, r.content, "too_many_headers")
+        assert r.status_code == 431
+    r = requests.get(hproxy.url + "/echo?q=" + "u" * size, timeout=30)
+    if size <= 8000:
+        assert r.status_code == 200
+    else:
+        assert_vespa_json(r.status_code, r.headers, r.content, "uri_too_long")
+        assert r.status_code == 414
+    routed = since(emu.records.route, t0)
+    assert len(routed) == (2 if size <= 8000 else 0)

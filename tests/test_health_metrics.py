@@ -17,9 +17,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Proxy, demo_config, endpoint_key, free_port, run_proxy
-from vespa import health
+from vespa.observe import health
 from vespa.emulator import Emulator
-from vespa.metrics import Telemetry
+from vespa.observe.metrics import Telemetry
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

@@ -22,7 +22,7 @@ from cryptography import x509
 from tests.conftest import free_port, run_proxy
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
 from vespa.emulator.tls import CertAuthority
-from vespa.workerca import CA_PATH, cached_ca_path
+from vespa.proxy.workerca import CA_PATH, cached_ca_path
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello over TLS"}], "stream": True}
 

@@ -23,7 +23,7 @@ import requests
 from mitmproxy import io, version
 
 from tests.conftest import REPO, Proxy, endpoint_key, free_port, run_proxy, stop, wait_for_port
-from vespa.inspection import Tap
+from vespa.observe.inspection import Tap
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
 LARGE = 200_000  # bytes of /large, against a 4 KiB capture

@@ -28,7 +28,7 @@ import pexpect
 import pytest
 
 from tests.conftest import free_port, stop, wait_for_port
-from vespa import launcher
+from vespa.cli import launcher
 from vespa.emulator import Emulator, EmulatorConfig, EndpointConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,7 +417,7 @@ def test_interactive_mode(home: Path, vast: Emulator) -> None:
     transcript = io.StringIO()
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "vespa.launcher", "--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url],
+        ["-m", "vespa.cli.launcher", "--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url],
         env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
     )
     child.logfile_read = transcript
@@ -528,7 +528,7 @@ def test_demo_end_to_end(home: Path) -> None:
         deadline = time.monotonic() + 10
         while not (legs := children(mitm[0])) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(legs) == 1 and "vespa.leg" in proc_file(legs[0], "cmdline")
+        assert len(legs) == 1 and "vespa.proxy.leg" in proc_file(legs[0], "cmdline")
         for pid in (proc.pid, *kids, *legs):
             assert account not in proc_file(pid, "cmdline") and endpoint not in proc_file(pid, "cmdline")
         leg_env = {k: v for k, v in proc_environ(legs[0]).items() if not k.startswith("VESPA_EMU_")}  # the test's own
@@ -582,7 +582,7 @@ def test_interactive_enter_picks_the_only_endpoint_and_bad_typed_keys_are_explai
     with Emulator(EmulatorConfig(endpoints=[EndpointConfig(name="solo", workers=1)], console_rate_limit=None)) as emu:
         child = pexpect.spawn(
             sys.executable,
-            ["-m", "vespa.launcher", "--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
+            ["-m", "vespa.cli.launcher", "--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
             env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
         )
         child.logfile_read = transcript
@@ -617,7 +617,7 @@ def test_list_asks_for_the_account_key_in_a_terminal(home: Path, vast: Emulator)
     transcript = io.StringIO()
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "vespa.launcher", "--list", "--console-url", vast.console_url],
+        ["-m", "vespa.cli.launcher", "--list", "--console-url", vast.console_url],
         env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
     )
     child.logfile_read = transcript

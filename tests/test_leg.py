@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from vespa import leg
+from vespa.proxy import leg
 from vespa.errors import BadBody, BodyTooLarge
 
 

@@ -92,7 +92,7 @@ def test_wheel_declares_the_dependencies_and_the_command_and_holds_every_module(
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     requires = [line.split(":", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert requirements(requires) == requirements(requirement_file(REPO / "requirements.txt"))
-    assert re.search(r"^\[console_scripts\]\s*\nvespa\s*=\s*vespa\.launcher:main\s*$", entry_points, re.M)
+    assert re.search(r"^\[console_scripts\]\s*\nvespa\s*=\s*vespa\.cli\.launcher:main\s*$", entry_points, re.M)
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "vespa").rglob("*.py")} | {"vespa_addon.py"}
     assert sources <= names, sorted(sources - names)
     assert not {n for n in names if n.startswith(("tests/", "bench/", "scripts/"))}

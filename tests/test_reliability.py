@@ -120,7 +120,7 @@ def test_mitmproxy_error_reply_is_json_over_http2(tight: Proxy, emu: Emulator) -
 
 
 def test_explain_maps_mitmproxy_connect_errors_to_not_processed() -> None:
-    from vespa import errorpage
+    from vespa.proxy import errorpage
 
     # Messages as measured from mitmproxy 11.0.2 and 12.3.1 when the worker leg refuses, or when
     # the process has no file descriptor left (nothing was sent either way).
@@ -431,7 +431,7 @@ def test_route_call_timeout_has_its_own_type() -> None:
     from aiohttp import web
 
     from vespa.errors import RouteTimeout
-    from vespa.routing import Router, RouterSettings
+    from vespa.proxy.routing import Router, RouterSettings
 
     async def run() -> None:
         async def slow(request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ def replay(emulator, path: str, *mitm_args: str, key: str | None = None, timeout
     env["VAST_API_KEY"] = key or endpoint_key(emulator, ENDPOINT)
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run(
-        [sys.executable, "-m", "vespa.launcher", "--replay", path, "--endpoint", ENDPOINT,
+        [sys.executable, "-m", "vespa.cli.launcher", "--replay", path, "--endpoint", ENDPOINT,
          "--autoscaler-url", emulator.autoscaler_url, "--console-url", emulator.console_url,
          *(("--", *mitm_args) if mitm_args else ())],
         env=env, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,

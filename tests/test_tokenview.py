@@ -19,9 +19,9 @@ from mitmproxy.test import taddons, tflow
 
 from tests.conftest import endpoint_key, free_port, run_proxy, wait_for_port
 from tests.test_inspection import MITM12, Web, wait_for
-from vespa import tokenview
+from vespa.observe import tokenview
 from vespa.emulator.backend import completion_text
-from vespa.tokenview import NAME, assemble
+from vespa.observe.tokenview import NAME, assemble
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "say something nice"}], "max_tokens": 7}
 SSE = "text/event-stream"

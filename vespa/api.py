@@ -29,11 +29,11 @@ from typing import Mapping, Sequence
 from mitmproxy import exceptions, hooks, options
 from mitmproxy.tools.dump import DumpMaster
 
-from vespa import console
-from vespa.addon import Vespa
-from vespa.console import Endpoint
+from vespa.cli import console
+from vespa.proxy.addon import Vespa
+from vespa.cli.console import Endpoint
 from vespa.errors import VespaError
-from vespa.instances import INSTANCES, Instance
+from vespa.cli.instances import INSTANCES, Instance
 
 __all__ = ["Endpoint", "ProxyStartError", "VastClient", "fetch_endpoint_key", "list_endpoints"]
 

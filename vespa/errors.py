@@ -56,6 +56,11 @@ class TooManyHeaders(VespaError):
     default_hint = "Send fewer header fields, or raise the limit with --set vespa_max_headers=N."
 
 
+class UriTooLong(VespaError):
+    status, type = 414, "uri_too_long"
+    default_hint = "Send the data in a JSON body (POST) rather than in the URL."
+
+
 class ProxyNotConfigured(VespaError):
     status, type = 503, "not_configured"
 

@@ -26,13 +26,13 @@ import logging
 
 from mitmproxy import connection, ctx, http
 
-log = logging.getLogger("vespa.headtimeout")
+log = logging.getLogger("vespa.proxy.headtimeout")
 
-OPTION = "vespa_header_timeout_s"  # declared by vespa.limits
+OPTION = "vespa_header_timeout_s"  # declared by vespa.proxy.limits
 
 
 class HeadTimeout:
-    """A sub-addon of vespa.addon.Vespa: one timer per client connection until its first head."""
+    """A sub-addon of vespa.proxy.addon.Vespa: one timer per client connection until its first head."""
 
     def __init__(self) -> None:
         self._timers: dict[str, asyncio.TimerHandle] = {}

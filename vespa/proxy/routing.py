@@ -29,7 +29,7 @@ from vespa.errors import (
     WorkerUnavailable,
 )
 
-log = logging.getLogger("vespa.routing")
+log = logging.getLogger("vespa.proxy.routing")
 
 # Re-poll delays while the endpoint has no worker: the first is quick (a worker may be
 # moments away), then they grow to about one poll a second, the SDK's pace.

@@ -34,7 +34,7 @@ class UnknownStatusPage(VespaError):
 
 
 class Counts(Protocol):
-    """What health needs of the metrics (vespa.metrics.Telemetry), without importing them."""
+    """What health needs of the metrics (vespa.observe.metrics.Telemetry), without importing them."""
 
     @property
     def in_flight(self) -> int: ...
@@ -43,7 +43,7 @@ class Counts(Protocol):
 
 
 class Target(Protocol):
-    """What the proxy is set up to call (vespa.addon.Setup)."""
+    """What the proxy is set up to call (vespa.proxy.addon.Setup)."""
 
     endpoint: str
     autoscaler_url: str

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from mitmproxy import http
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from vespa.health import is_reserved
+from vespa.observe.health import is_reserved
 
 log = logging.getLogger("vespa.requests")
 

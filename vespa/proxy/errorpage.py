@@ -1,6 +1,6 @@
 """Vespa's JSON error reply in place of mitmproxy's own HTML error page.
 
-The worker leg (vespa/leg.py) answers every failure past the proxy with Vespa's JSON itself.
+The worker leg (vespa/proxy/leg.py) answers every failure past the proxy with Vespa's JSON itself.
 What is left for mitmproxy to answer: a body over `body_size_limit` (413), a request head it
 cannot parse, and the worker leg unreachable. For those it runs the `error` hook and then
 answers the client with a small HTML page (`make_error_response` for HTTP/1, an inline
@@ -36,10 +36,10 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
 )
 
-from vespa import inspection
+from vespa.observe import inspection
 from vespa.errors import BadRequest, BodyTooLarge, LegUnreachable, VespaError, WorkerBroke
 
-log = logging.getLogger("vespa.errorpage")
+log = logging.getLogger("vespa.proxy.errorpage")
 
 try:  # mitmproxy 12: an ErrorCode enum that knows its HTTP status
     from mitmproxy.proxy.layers.http import ErrorCode

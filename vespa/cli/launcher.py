@@ -29,12 +29,14 @@ from typing import IO, Iterator, NoReturn
 import requests
 from mitmproxy import exceptions
 
-from vespa import console, endpoints, keys, replay
+from vespa import keys
+from vespa.cli import console, replay
+from vespa.proxy import endpoints
 from vespa.errors import AutoscalerUnreachable, BadKey, EndpointNotFound, KeyRejected, VespaError
-from vespa.instances import INSTANCES, Instance
+from vespa.cli.instances import INSTANCES, Instance
 from vespa.procs import stop
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The checkout, or site-packages when installed: pyproject.toml installs vespa_addon.py there too.
 ADDON = REPO / "vespa_addon.py"
 DEFAULT_PORT = 8010
@@ -385,7 +387,7 @@ def _preflight_one(proxy: Proxy, t: Target) -> None:
         )
     except requests.RequestException as exc:
         raise AutoscalerUnreachable(f"cannot reach the autoscaler at {url}: {type(exc).__name__}") from exc
-    # The same statuses the addon's router maps (vespa/routing.py: Router._rejection).
+    # The same statuses the addon's router maps (vespa/proxy/routing.py: Router._rejection).
     if resp.status_code in (401, 403):
         raise KeyRejected(f"the autoscaler rejected the {t.key_source} for endpoint '{t.endpoint}'", _rejected_hint(t))
     if resp.status_code in (400, 404):
@@ -700,7 +702,7 @@ def run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     check_port(args.host, port)
     say("Starting the local Vast emulator ...")
     # Each emulator run makes a new root CA for its workers, so the proxy's worker-CA cache
-    # (vespa/workerca.py) could never reuse it: the demo's mitmproxy gets a cache of its own,
+    # (vespa/proxy/workerca.py) could never reuse it: the demo's mitmproxy gets a cache of its own,
     # removed with the run, instead of leaving a CA and a bundle behind in ~/.cache every time.
     with emulator() as demo, tempfile.TemporaryDirectory(prefix="vespa-demo-cache-") as cache:
         ready = demo.ready

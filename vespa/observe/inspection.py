@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mitmproxy import http
 
-
-if TYPE_CHECKING:
-    from vespa.addon import Setup
-
 KIB = 1024
+
+
+class Setup(Protocol):
+    """What `vespa.status` shows of the proxy's setup (vespa.proxy.addon.Setup), without importing it."""
+
+    endpoint: str
+    endpoints: tuple[str, ...]
+    autoscaler_url: str
+    keys: dict[str, str]
+    states: dict[str, dict]
+    last_route_ms: float | None
 
 
 @dataclass(slots=True)
@@ -75,7 +82,7 @@ def fail(flow: http.HTTPFlow, tap: Tap | None) -> None:
     if tap is not None and flow.response is not None:
         flow.response.raw_content = bytes(tap.buf)  # what arrived before the break
     if flow.marked == MARK and flow.metadata.get("vespa", {}).get("outcome"):
-        return  # already said why (vespa/errorpage.py answered the client): keep that
+        return  # already said why (vespa/proxy/errorpage.py answered the client): keep that
     msg = flow.error.msg if flow.error else "unknown error"
     got = f" after {_size(tap.seen)}" if tap is not None else ""
     note(flow, f"error{got}: {msg}", failed=True)

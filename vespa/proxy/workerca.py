@@ -1,7 +1,7 @@
 """Trusting Vast's HTTPS workers: their root CA, downloaded once and cached, bundled with certifi.
 
 Vast workers present certificates from Vast's own root CA, published at
-`{console}/static/jvastai_root.cer`. The worker leg (vespa/leg.py) verifies workers against one
+`{console}/static/jvastai_root.cer`. The worker leg (vespa/proxy/leg.py) verifies workers against one
 file: certifi's bundle plus that CA. The file name carries a hash of its content, so a refreshed
 CA gets a new file and a new TLS context, never a stale cached one.
 

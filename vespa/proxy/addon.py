@@ -1,7 +1,7 @@
 """The mitmproxy addon: every request to the proxy becomes a routed, signed Vast.ai call.
 
 mitmproxy holds the client side (HTTP/1, HTTP/2, TLS, mitmweb, `-w`, replay); the worker side is
-the worker leg (vespa/leg.py), a process of its own with one shared pool of warm connections
+the worker leg (vespa/proxy/leg.py), a process of its own with one shared pool of warm connections
 to the workers. Per flow: `requestheaders` checks what can be checked from the head and points
 the flow at the leg, `responseheaders` takes the routing facts the leg sends back, streams the
 answer through and shows the flow as it went (client's request, worker's address), `response`
@@ -23,11 +23,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from vespa import endpoints, errorpage, headtimeout, health, inspection, keys, limits, tokenview, wire, workerca
-from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, VespaError
+from vespa import keys, wire
+from vespa.observe import health, inspection, tokenview
+from vespa.proxy import endpoints, errorpage, headtimeout, limits, workerca
+from vespa.errors import BadRequest, LoopDetected, NotRouted, ProxyNotConfigured, TooManyHeaders, UriTooLong, VespaError
 from vespa.keys import mask
-from vespa.leg import CREDENTIAL_HEADERS, FACTS_HEADER, EndpointKey, Leg, LegConfig
-from vespa.metrics import Telemetry
+from vespa.proxy.leg import CREDENTIAL_HEADERS, FACTS_HEADER, MAX_LINE, EndpointKey, Leg, LegConfig
+from vespa.observe.metrics import Telemetry
 
 log = logging.getLogger("vespa")
 
@@ -103,7 +105,7 @@ class Vespa:
 
     # --- lifecycle (kept synchronous: mitmproxy's script loader needs it) -----------------------
     def load(self, loader) -> None:
-        # JSON instead of mitmproxy's HTML error page; undone in done() (see vespa/errorpage.py).
+        # JSON instead of mitmproxy's HTML error page; undone in done() (see vespa/proxy/errorpage.py).
         errorpage.install()
         tokenview.register()  # mitmweb's "LLM stream" view: a token stream read as its answer
         _raise_open_file_limit()
@@ -368,6 +370,14 @@ class Vespa:
             raise TooManyHeaders(
                 f"the request has {len(request.headers.fields)} header fields, over the limit of {self.limits.max_headers}"
             )
+        # The leg's HTTP parser (aiohttp) takes lines up to MAX_LINE; past it the client would get
+        # its plain-text 400 instead of Vespa's JSON.
+        if len(request.path) > MAX_LINE:
+            raise UriTooLong(f"the request target is {len(request.path)} bytes long, over the limit of {MAX_LINE}")
+        longest = max((len(name) + len(value) for name, value in request.headers.fields), default=0)
+        if longest > MAX_LINE:
+            raise TooManyHeaders(f"a header field is {longest} bytes long, over the limit of {MAX_LINE}",
+                                 hint="Send shorter header values (cookies and tokens are usually the long ones).")
 
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.live or flow.response or health.is_reserved(flow.request.path):

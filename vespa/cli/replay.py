@@ -4,7 +4,7 @@ Vespa, and say what each got.
 It runs `mitmdump -n -C FILE -s vespa_addon.py` with the launcher's options and environment, so a
 replay routes and signs afresh exactly as the proxy would. Where the endpoint key goes is decided
 by the command line and its defaults only: the autoscaler and console URLs are options, and the
-addon points every replayed request at its own worker leg (vespa/addon.py `requestheaders`)
+addon points every replayed request at its own worker leg (vespa/proxy/addon.py `requestheaders`)
 whatever address the file holds. A file from someone else cannot collect the key.
 
 The replayed flows are written to a file (the user's `-w`, or a temporary one) and read back

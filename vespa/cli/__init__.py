@@ -1,0 +1,1 @@
+"""The command line: the launcher, the account API, Vast's deployments, replay."""
