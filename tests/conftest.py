@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -84,6 +85,20 @@ def run_proxy(
         stop(proc)
         log_file.close()
         os.unlink(log_file.name)
+
+
+def wait_started(p: Proxy) -> None:
+    """Until mitmproxy says it listens, and a moment more: the port opens before mitmproxy 12 has
+    its certificate store, and a TLS client that comes that early kills the start-up."""
+    deadline = time.monotonic() + 20
+    while "listening at" not in p.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+def since(records: list, t0: float) -> list:
+    """The emulator's records from `t0` (time.monotonic()) on."""
+    return [r for r in records if r.time >= t0]
 
 
 def demo_config(**kw) -> EmulatorConfig:

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import pytest
 import requests
 
-from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy
+from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy, since, wait_started
 from vespa.emulator import Emulator
 
 MIB = 1 << 20
@@ -45,19 +45,8 @@ def emu() -> Iterator[Emulator]:
 @pytest.fixture(scope="module")
 def hproxy(emu: Emulator) -> Iterator[Proxy]:
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
-        _wait_started(p)
+        wait_started(p)
         yield p
-
-
-def _wait_started(p: Proxy) -> None:
-    deadline = time.monotonic() + 20
-    while "listening at" not in p.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-
-
-def since(records: list, t0: float) -> list:
-    return [r for r in records if r.time >= t0]
 
 
 # --- raw HTTP/1.1 over a socket ---------------------------------------------------------------------
@@ -462,7 +451,7 @@ def test_half_sent_heads_are_closed_after_the_header_timeout_while_others_are_se
     n = 3000
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
                    f"vespa_header_timeout_s={HEAD_TIMEOUT_S}") as p:
-        _wait_started(p)
+        wait_started(p)
         slow: list[tuple[socket.socket, float]] = []
         keep = None
         try:
@@ -571,7 +560,7 @@ def test_1000_concurrent_half_streamed_under_a_1024_soft_file_limit(emu: Emulato
     intact. Timing and memory are reported, not asserted."""
     n, n_tokens = 1000, 6
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"), nofile="-Sn 1024") as p:
-        _wait_started(p)
+        wait_started(p)
         hard = _nofile(p.proc.pid)[1]
         assert hard > 4 * n, "the hard limit is too low for this test to mean anything"
         for pid in [p.proc.pid, *_children(p.proc.pid)]:  # mitmdump, and the leg it started
@@ -597,7 +586,7 @@ def test_at_the_open_file_limit_a_request_never_sent_is_a_retryable_503(emu: Emu
     n = 300
     t0 = time.monotonic()
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo"), nofile="-n 80") as p:
-        _wait_started(p)
+        wait_started(p)
         results = asyncio.run(_load(p.url, n, 2, timeout_s=60))
         log = p.log()
     ok = [r for r in results if r[0] == 200]
@@ -624,9 +613,8 @@ def test_leg_at_its_open_file_limit_a_request_never_sent_is_a_retryable_503(emu:
     accept waits. One connection per request: kept-alive client connections make mitmproxy keep
     its connections to the leg, which then hold the leg's few files until they idle out (75 s)."""
     n = 300
-    t0 = time.monotonic()
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
-        _wait_started(p)
+        wait_started(p)
         (leg,) = _children(p.proc.pid)
         resource.prlimit(leg, resource.RLIMIT_NOFILE, (60, 60))
         results = asyncio.run(_load(p.url, n, 2, timeout_s=60, keep_alive=False))

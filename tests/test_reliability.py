@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy
+from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy, since, wait_started
 from vespa.emulator import Emulator
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -33,17 +33,8 @@ def emu() -> Iterator[Emulator]:
 @pytest.fixture(scope="module")
 def rproxy(emu: Emulator) -> Iterator[Proxy]:
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
-        _wait_started(p)
+        wait_started(p)
         yield p
-
-
-def _wait_started(p: Proxy) -> None:
-    # The port opens before mitmproxy 12 has its certificate store: a TLS client that comes
-    # that early kills the start-up ("Errors logged during startup, exiting").
-    deadline = time.monotonic() + 20
-    while "listening at" not in p.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -60,10 +51,6 @@ def faults(emu: Emulator, endpoint: str = "demo", **knobs) -> Iterator[None]:
         for w, old in zip(workers, saved):
             for k, v in old.items():
                 setattr(w.faults, k, v)
-
-
-def since(records: list, t0: float) -> list:
-    return [r for r in records if r.time >= t0]
 
 
 def assert_vespa_json(status: int, headers, body: bytes, err_type: str, retry: bool) -> dict:
@@ -170,7 +157,7 @@ def tight(emu: Emulator) -> Iterator[Proxy]:
         emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
         "vespa_first_byte_timeout_s=1", "vespa_idle_timeout_s=1", "vespa_max_body_kb=1",
     ) as p:
-        _wait_started(p)
+        wait_started(p)
         yield p
 
 
@@ -282,7 +269,7 @@ def quick_connect(emu: Emulator) -> Iterator[Proxy]:
         emu.autoscaler_url, "demo", endpoint_key(emu, "demo"),
         f"vespa_connect_timeout_s={CONNECT_TIMEOUT_S}", f"vespa_route_deadline_s={ROUTE_DEADLINE_S}",
     ) as p:
-        _wait_started(p)
+        wait_started(p)
         yield p
 
 
