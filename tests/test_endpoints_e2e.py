@@ -91,6 +91,7 @@ def test_unknown_model_is_a_404_naming_the_models(proxy: Proxy, emu: Emulator) -
         client(proxy).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     err = info.value.body
     assert info.value.status_code == 404 and err["type"] == "model_not_found"
+    assert info.value.code == "model_not_found"  # what the SDK shows of it
     for model in ("big", "large", "small", "tiny"):
         assert model in err["message"]
     assert not [r for r in emu.records.route if r.time >= t0]  # nothing routed, no worker woken
