@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from vespa.proxy import leg
+from vespa.proxy import body as bodies, leg
 from vespa.errors import BadBody, BodyTooLarge
 
 
@@ -24,38 +24,38 @@ from vespa.errors import BadBody, BodyTooLarge
 ])
 def test_bodies_a_worker_cannot_read_are_bad_body(body: bytes) -> None:
     with pytest.raises(BadBody):
-        leg.check_json(body)
+        bodies.check_json(body)
 
 
 def test_brackets_inside_strings_do_not_count_as_depth() -> None:
-    leg.check_json(json.dumps({"prompt": "[" * 5000 + "{" * 5000}).encode())
+    bodies.check_json(json.dumps({"prompt": "[" * 5000 + "{" * 5000}).encode())
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
                     max_leaves=20))
 def test_any_ordinary_json_is_accepted(value) -> None:
-    leg.check_json(json.dumps(value).encode())
+    bodies.check_json(json.dumps(value).encode())
 
 
 def test_gzip_bodies_are_decoded_within_the_limit() -> None:
     data = json.dumps({"x": "y" * 1000}).encode()
-    assert leg._decode(gzip.compress(data), "gzip", 10_000) == data
-    assert leg._decode(zlib.compress(data), "deflate", 10_000) == data
-    assert leg._decode(data, "identity", 10_000) == data
+    assert bodies.decode(gzip.compress(data), "gzip", 10_000) == data
+    assert bodies.decode(zlib.compress(data), "deflate", 10_000) == data
+    assert bodies.decode(data, "identity", 10_000) == data
 
 
 def test_a_gzip_bomb_is_refused_at_the_limit_not_inflated() -> None:
     bomb = gzip.compress(b"0" * (50 * 1024 * 1024))  # 50 MiB in about 50 KB
     assert len(bomb) < 100_000
     with pytest.raises(BodyTooLarge, match="once decoded"):
-        leg._decode(bomb, "gzip", 1024 * 1024)
+        bodies.decode(bomb, "gzip", 1024 * 1024)
 
 
 @pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, compress"])
 def test_unknown_encodings_are_bad_body(encoding: str) -> None:
     with pytest.raises(BadBody, match="Content-Encoding"):
-        leg._decode(b"x", encoding, 100)
+        bodies.decode(b"x", encoding, 100)
 
 
 def test_worker_headers_drop_credentials_and_hop_headers_keep_duplicates() -> None:

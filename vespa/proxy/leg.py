@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,13 +43,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from vespa import wire
-from vespa.proxy import endpoints
 from vespa.errors import (
-    BadBody,
-    BodyTooLarge,
-    EndpointNotFound,
-    KeyRejected,
-    NoWorkerInTime,
     VespaError,
     WorkerBroke,
     WorkerConnectTimeout,
@@ -60,6 +53,8 @@ from vespa.errors import (
     WorkerTlsFailed,
     WorkerUnavailable,
 )
+from vespa.proxy import endpoints, fallback
+from vespa.proxy.body import check_json, decode, read_bounded
 from vespa.proxy.routing import Router, RouterSettings
 from vespa.proxy.workerca import WorkerTrust, is_verify_failure
 
@@ -85,9 +80,6 @@ DROP_RESPONSE = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
     "content-length",
 })
-# Deeper JSON than any API payload; Python's parser would hit its recursion limit past ~100k.
-MAX_JSON_DEPTH = 512
-READ_CHUNK = 1 << 16
 # Longest request line or header field the addon lets through (it answers 414/431 past it): Vast's
 # PyWorker and the leg parse HTTP with aiohttp, which refuses lines over 8190 bytes with a
 # plain-text 400. The leg's parser takes a little more, so that 400 never comes from the leg.
@@ -161,7 +153,7 @@ class WorkerLeg:
         missing = [name for name in self.catalog.names if name not in self.routers]
         if missing:
             raise ValueError(f"no key for endpoint(s) {', '.join(missing)}")
-        self.cold = ColdStarts(self)
+        self.cold = fallback.ColdStarts(self)
         self.on_state: Callable[[str, dict[str, Any]], None] = lambda name, state: None
         self.states: dict[str, str] = {}
         self.started = int(time.time())
@@ -185,7 +177,7 @@ class WorkerLeg:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
-        # auto_decompress off: the body's Content-Encoding is undone in _decode, bounded (a gzip
+        # auto_decompress off: the body's Content-Encoding is undone in body.decode, bounded (a gzip
         # bomb), and once only (aiohttp's own decoding made every gzip body fail there).
         # max_headers: aiohttp's default (128) answered plain-text 400s below vespa_max_headers (256),
         # which the addon enforces, with Vespa's 431, before a request gets here.
@@ -230,20 +222,21 @@ class WorkerLeg:
         spec = endpoints.choose(self.catalog, request.headers.get(endpoints.HEADER),
                                 model if isinstance(model, str) else None)
         try:
-            forwarded = await self.cold.forward(spec, Outgoing(request, payload, body))
+            forwarded = await self.cold.forward(spec, fallback.Outgoing(request, payload, body))
         except VespaError as e:
             return _error_response(e, {"endpoint": spec.name})
         return await self._relay(request, forwarded)
 
     async def _payload(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_body_bytes
-        raw = await _read_bounded(request.content, limit)
-        payload = _decode(raw, request.headers.get("content-encoding", ""), limit)
+        raw = await read_bounded(request.content, limit)
+        payload = decode(raw, request.headers.get("content-encoding", ""), limit)
         if payload.strip():
             check_json(payload)
         return payload
 
-    async def forward(self, spec: endpoints.EndpointSpec, out: Outgoing, claim: Claim | None = None) -> Forwarded | None:
+    async def forward(self, spec: endpoints.EndpointSpec, out: fallback.Outgoing,
+                      claim: fallback.Claim | None = None) -> Forwarded | None:
         """Route, then send the signed request; a worker that refuses the connection (or is full)
         is routed around. With a `claim` that was withdrawn (the request went to a fallback),
         the route call only keeps the endpoint's demand visible and nothing is sent: None."""
@@ -427,105 +420,6 @@ class WorkerLeg:
         return web.json_response(report, status=status)
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """The client's request as the leg read it: the body once, checked and parsed."""
-
-    request: web.BaseRequest
-    payload: bytes
-    body: Any  # the parsed JSON, or None
-
-
-class Claim:
-    """Who sends a request: its first route call, or (once withdrawn) a fallback. Taking and
-    withdrawing happen on one event loop, so exactly one of them wins."""
-
-    def __init__(self) -> None:
-        self.state = "open"
-
-    def take(self) -> bool:
-        if self.state == "open":
-            self.state = "taken"
-        return self.state == "taken"
-
-    def withdraw(self) -> bool:
-        if self.state == "open":
-            self.state = "withdrawn"
-        return self.state == "withdrawn"
-
-
-# Failures that prove nothing reached any worker: a fallback may still take the request.
-NOT_SENT = (NoWorkerInTime, WorkerUnavailable, EndpointNotFound, KeyRejected)
-
-
-class ColdStarts:
-    """Cold-start fallback (issue 13): when an endpoint with a `fallback` list has no worker
-    ready within `fallback_after_s`, the request goes to its fallbacks in order, before a byte
-    went to any worker. Its route call goes on polling, as the only one, so the autoscaler keeps
-    seeing the demand and warms the endpoint up; meanwhile later requests go to the fallback at
-    once, and return to the endpoint as soon as that call gets a worker."""
-
-    def __init__(self, leg: WorkerLeg) -> None:
-        self.leg = leg
-        self.demand: dict[str, asyncio.Task[Forwarded | None]] = {}
-
-    async def forward(self, spec: endpoints.EndpointSpec, out: Outgoing) -> Forwarded:
-        fallbacks = self.leg.catalog.fallbacks(spec)
-        if not fallbacks:
-            forwarded = await self.leg.forward(spec, out)
-            assert forwarded is not None
-            return forwarded
-        if spec.name in self.demand:
-            return await self._fall_back(spec, fallbacks, out, f"{spec.name} is warming up")
-        claim = Claim()
-        task = asyncio.ensure_future(self.leg.forward(spec, out, claim))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=spec.fallback_after_s)
-        except asyncio.CancelledError:
-            task.cancel()  # the client left before anything was decided
-            raise
-        if done or not claim.withdraw():
-            forwarded = await task  # it got a worker (and sent the request) in time
-            assert forwarded is not None
-            return forwarded
-        self._keep_demand(spec, task)
-        return await self._fall_back(spec, fallbacks, out, f"no worker of {spec.name} ready within {spec.fallback_after_s:g} s")
-
-    def _keep_demand(self, spec: endpoints.EndpointSpec, task: asyncio.Task[Forwarded | None]) -> None:
-        self.demand[spec.name] = task
-        self.leg.set_state(spec.name, "cold", "no worker ready; requests go to its fallback while it warms up")
-        log.info("vespa: endpoint %s has no worker ready within %g s; sending its requests to %s while it warms up",
-                 spec.name, spec.fallback_after_s, ", ".join(spec.fallback))
-
-        def ended(t: asyncio.Task[Forwarded | None]) -> None:
-            self.demand.pop(spec.name, None)
-            if t.cancelled() or t.exception() is not None:
-                self.leg.set_state(spec.name, "unknown")
-            else:
-                log.info("vespa: endpoint %s has a worker ready; its requests go to it again", spec.name)
-
-        task.add_done_callback(ended)
-
-    async def _fall_back(self, spec: endpoints.EndpointSpec, fallbacks: tuple[endpoints.EndpointSpec, ...],
-                         out: Outgoing, reason: str) -> Forwarded:
-        failure: VespaError | None = None
-        for fallback in fallbacks:
-            try:
-                forwarded = await self.leg.forward(fallback, out)
-            except NOT_SENT as e:
-                failure = e
-                continue
-            assert forwarded is not None
-            forwarded.facts.update(fallback_from=spec.name, fallback_reason=reason)
-            return forwarded
-        assert failure is not None
-        raise failure
-
-    async def close(self) -> None:
-        for task in list(self.demand.values()):
-            task.cancel()
-
-
 # --- pure helpers ---------------------------------------------------------------------------
 def _error_response(err: VespaError, facts: dict[str, Any] | None = None) -> web.Response:
     headers = err.headers()
@@ -547,83 +441,6 @@ def _worker_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         if lname not in DROP_REQUEST and lname not in connection_tokens:
             out.add(name, value)
     return out
-
-
-async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
-    buf = bytearray()
-    while chunk := await content.read(READ_CHUNK):
-        buf += chunk
-        if len(buf) > limit:
-            raise BodyTooLarge(f"the request body is over the limit of {limit // 1024} KiB")
-    return bytes(buf)
-
-
-def _decode(raw: bytes, encoding: str, limit: int) -> bytes:
-    """The body without its Content-Encoding, never more than `limit` bytes decoded (a 500 KB
-    gzip bomb inflates to gigabytes)."""
-    codings = [c.strip().lower() for c in encoding.split(",") if c.strip() and c.strip().lower() != "identity"]
-    data = raw
-    for coding in reversed(codings):
-        if coding in ("gzip", "x-gzip"):
-            wbits = 16 + zlib.MAX_WBITS
-        elif coding == "deflate":
-            wbits = zlib.MAX_WBITS
-        else:
-            raise BadBody(f"the request body's Content-Encoding {coding!r} is not supported",
-                          hint="Send the body uncompressed, or with gzip or deflate.")
-        inflater = zlib.decompressobj(wbits)
-        try:
-            data = inflater.decompress(data, limit + 1)
-        except zlib.error as e:
-            raise BadBody(f"cannot decode the request body ({coding}: {e})") from None
-        if len(data) > limit:
-            raise BodyTooLarge(f"the request body is over the limit of {limit // 1024} KiB once decoded ({coding})")
-    return data
-
-
-def check_json(payload: bytes) -> Any:
-    """The body parsed: strict UTF-8 JSON, at most MAX_JSON_DEPTH deep; raises BadBody.
-
-    Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and a BOM, which the worker cannot
-    read once the payload is spliced into its UTF-8 body. The depth is counted before parsing,
-    since a 100,000-deep array makes the parser raise RecursionError.
-    """
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
-    if _depth_exceeds(text, MAX_JSON_DEPTH):
-        raise BadBody(f"the request body's JSON nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise BadBody(f"the request body is not valid UTF-8 JSON ({e})") from None
-
-
-def _depth_exceeds(text: str, limit: int) -> bool:
-    # Brackets inside strings count too: an overestimate only for bodies with hundreds of
-    # brackets in strings, which then get a clear 400 rather than a worker's confusion.
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
 
 
 async def _drain(upstream: aiohttp.ClientResponse, limit: int = 64 * 1024) -> None:
