@@ -101,6 +101,22 @@ def since(records: list, t0: float) -> list:
     return [r for r in records if r.time >= t0]
 
 
+@contextlib.contextmanager
+def faults(emu: Emulator, endpoint: str = "demo", **knobs) -> Iterator[None]:
+    """Set WorkerFaults knobs on every worker of `endpoint`, and restore them after."""
+    workers = emu.workers(endpoint)
+    saved = [{k: getattr(w.faults, k) for k in knobs} for w in workers]
+    try:
+        for w in workers:
+            for k, v in knobs.items():
+                setattr(w.faults, k, v)
+        yield
+    finally:
+        for w, old in zip(workers, saved):
+            for k, v in old.items():
+                setattr(w.faults, k, v)
+
+
 def demo_config(**kw) -> EmulatorConfig:
     return EmulatorConfig(
         endpoints=[

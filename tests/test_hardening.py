@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import pytest
 import requests
 
-from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy, since, wait_started
+from tests.conftest import Proxy, demo_config, endpoint_key, faults, run_proxy, since, wait_started
 from vespa.emulator import Emulator
 
 MIB = 1 << 20
@@ -390,7 +390,7 @@ def test_path_reaches_the_worker_exactly_as_sent(hproxy: Proxy, emu: Emulator, p
 @pytest.mark.parametrize("framing", ["chunked", "sse"])
 def test_worker_401_in_any_framing_is_vespa_json(hproxy: Proxy, emu: Emulator, framing: str) -> None:
     t0 = time.monotonic()
-    with _faults(emu, status=401, status_framing=framing):
+    with faults(emu, status=401, status_framing=framing):
         r = requests.post(hproxy.url + "/v1/chat/completions", json={**CHAT, "stream": framing == "sse"}, timeout=30)
     assert r.status_code == 502
     assert_vespa_json(502, {k.lower(): v for k, v in r.headers.items()}, r.content, "worker_rejected_signature")
@@ -400,7 +400,7 @@ def test_worker_401_in_any_framing_is_vespa_json(hproxy: Proxy, emu: Emulator, f
 @pytest.mark.parametrize("framing", ["chunked", "sse"])
 def test_worker_429_in_any_framing_is_retryable_vespa_json(hproxy: Proxy, emu: Emulator, framing: str) -> None:
     t0 = time.monotonic()
-    with _faults(emu, status=429, status_framing=framing):
+    with faults(emu, status=429, status_framing=framing):
         r = requests.post(hproxy.url + "/v1/chat/completions", json={**CHAT, "stream": framing == "sse"}, timeout=30)
     assert r.status_code == 503
     error = assert_vespa_json(503, {k.lower(): v for k, v in r.headers.items()}, r.content, "worker_unavailable")
@@ -423,21 +423,6 @@ def test_route_answer_without_url_or_status_is_502_at_once(hproxy: Proxy, emu: E
     assert len(since(emu.records.route, t0)) == 1  # not polled (the issue: until the 600 s deadline)
     assert elapsed < 5
     assert since(emu.records.worker, t0) == []
-
-
-@contextlib.contextmanager
-def _faults(emu: Emulator, **knobs) -> Iterator[None]:
-    workers = emu.workers("demo")
-    saved = [{k: getattr(w.faults, k) for k in knobs} for w in workers]
-    try:
-        for w in workers:
-            for k, v in knobs.items():
-                setattr(w.faults, k, v)
-        yield
-    finally:
-        for w, old in zip(workers, saved):
-            for k, v in old.items():
-                setattr(w.faults, k, v)
 
 
 # --- 5. the header timeout ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import Proxy, demo_config, endpoint_key, run_proxy, since, wait_started
+from tests.conftest import Proxy, demo_config, endpoint_key, faults, run_proxy, since, wait_started
 from vespa.emulator import Emulator
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -35,22 +35,6 @@ def rproxy(emu: Emulator) -> Iterator[Proxy]:
     with run_proxy(emu.autoscaler_url, "demo", endpoint_key(emu, "demo")) as p:
         wait_started(p)
         yield p
-
-
-@contextlib.contextmanager
-def faults(emu: Emulator, endpoint: str = "demo", **knobs) -> Iterator[None]:
-    """Set WorkerFaults knobs on every worker of `endpoint`, and restore them after."""
-    workers = emu.workers(endpoint)
-    saved = [{k: getattr(w.faults, k) for k in knobs} for w in workers]
-    try:
-        for w in workers:
-            for k, v in knobs.items():
-                setattr(w.faults, k, v)
-        yield
-    finally:
-        for w, old in zip(workers, saved):
-            for k, v in old.items():
-                setattr(w.faults, k, v)
 
 
 def assert_vespa_json(status: int, headers, body: bytes, err_type: str, retry: bool) -> dict:
