@@ -42,26 +42,11 @@ def _diff(a: dict[str, float], b: dict[str, float], *minus: dict[str, float]) ->
 
 def figures(r: dict[str, Any]) -> list[Figure]:
     """Headline figures of the phases present in `r` (--phases may have run only some)."""
-    out: list[Figure] = []
-    if "latency" in r:
-        out += _latency_figures(r["latency"])
-    if "sse" in r:
-        out += _sse_figures(r["sse"]["paths"])
-    if "rss_streams" in r:
-        out += _rss_figures(r["rss_streams"])
-    if "large" in r:
-        out += _large_figures(r["large"])
-    if "cold" in r:
-        out += _cold_figures(r["cold"])
-    if "connections" in r:
-        out += _connection_figures(r["connections"])
-    if "wan" in r:
-        out += _wan_figures(r["wan"])
-    if "https_loopback" in r:
-        out += _https_figures(r["https_loopback"])
-    if "legs" in r:
-        out += _leg_figures(r["legs"])
-    return out
+    phases = (("latency", _latency_figures), ("sse", lambda sse: _sse_figures(sse["paths"])),
+              ("rss_streams", _rss_figures), ("large", _large_figures), ("cold", _cold_figures),
+              ("connections", _connection_figures), ("wan", _wan_figures),
+              ("https_loopback", _https_figures), ("legs", _leg_figures))
+    return [figure for key, make in phases if key in r for figure in make(r[key])]
 
 
 def _latency_figures(lat: dict[str, Any]) -> list[Figure]:
@@ -189,16 +174,9 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
         *(f.row() for f in figures(r)),
     ]
-    if "latency" in r:
-        lines += _latency_table(r["latency"])
-    if "sse" in r:
-        lines += _sse_table(r["sse"])
-    if "wan" in r:
-        lines += _wan_table(r["wan"])
-    if "https_loopback" in r:
-        lines += _https_table(r["https_loopback"])
-    if "legs" in r:
-        lines += _leg_table(r["legs"])
+    tables = (("latency", _latency_table), ("sse", _sse_table), ("wan", _wan_table),
+              ("https_loopback", _https_table), ("legs", _leg_table))
+    lines += [line for key, make in tables if key in r for line in make(r[key])]
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +251,7 @@ def _leg_figures(legs: dict[str, Any]) -> list[Figure]:
     for client in ("fresh", "kept"):
         for c in ("1", "16", "32"):
             paths = legs[client][c]
-            proc, thread, bare = paths["vespa-process"], paths["vespa-thread"], paths["bare-mitm"]
+            proc, thread = paths["vespa-process"], paths["vespa-thread"]
             out.append(Figure(f"Leg in a process / leg in a thread, {client} clients, c={c}: throughput (p50 latency "
                               f"difference, ms, in the p99 column)", proc["rps"] / thread["rps"],
                               proc["p50"] - thread["p50"], "ratio", "", None))

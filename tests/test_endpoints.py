@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vespa.proxy import endpoints
-from vespa.proxy.endpoints import Catalog, EndpointSpec, choose, from_json, from_names, load_config, model_of, workload
+from vespa.proxy.endpoints import Catalog, EndpointSpec, choose, from_json, from_names, load_config, workload
 from vespa.errors import BadConfig, BadCost, ModelNotFound, UnknownEndpoint, VespaError
 
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -359,53 +359,6 @@ def test_one_endpoint_takes_every_model() -> None:
     single = from_names(["only"])
     for model in ["gpt-4o", None, "only"]:
         assert choose(single, None, model).name == "only"
-
-
-# --- model_of ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, model", [
-    (b'{"model": "llama-8b", "messages": []}', "llama-8b"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "model": "big"}', "big"),  # the OpenAI SDK's order
-    (b'{"mod\\u0065l": "esc"}', "esc"),
-    (b'{"model": 5}', None),
-    (b'{"model": null}', None),
-    (b'{"input": {"model": "nested"}}', None),
-    (b'["model"]', None),
-    (b'"model"', None),
-    (b'{"model": "x"', None),
-    (b'', None),
-    (b'not json "model"', None),
-    ('{"model": "caf\u00e9"}'.encode(), "caf\u00e9"),
-    (b'{"model": "caf\xe9"}', None),           # not UTF-8, as the proxy refuses it
-    (b'\xef\xbb\xbf{"model": "bom"}', None),    # nor a BOM
-    (b"[" * 100_000 + b'"model"' + b"]" * 100_000, None),  # nesting deeper than the parser goes
-])
-def test_model_of(body: bytes, model: str | None) -> None:
-    assert model_of(body) == model
-
-
-def test_model_of_ignores_bodies_over_its_limit() -> None:
-    body = b'{"model": "x", "pad": "' + b"a" * 1000 + b'"}'
-    assert model_of(body, limit=len(body)) == "x"
-    assert model_of(body, limit=len(body) - 1) is None
-
-
-@fuzz
-@given(st.binary(max_size=200))
-def test_model_of_never_raises_on_bytes(body: bytes) -> None:
-    assert model_of(body) is None or isinstance(model_of(body), str)
-
-
-@fuzz
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                    max_leaves=10),
-       st.one_of(st.none(), st.text()))
-def test_model_of_agrees_with_a_full_parse(other: object, model: str | None) -> None:
-    body: dict = {"x": other}
-    if model is not None:
-        body["model"] = model
-    assert model_of(json.dumps(body).encode()) == model
-    assert model_of(json.dumps(body, ensure_ascii=False).encode()) == model
 
 
 # --- workload ---------------------------------------------------------------------------------

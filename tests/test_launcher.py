@@ -411,16 +411,19 @@ def test_help_shows_every_option_and_run_sh_is_quick(home: Path) -> None:
 # --- interactive mode in a real pseudo-terminal -------------------------------------------------
 # The child execs at once, so forking beside the emulator's thread is safe here.
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def in_terminal(args: list[str], env: dict[str, str]) -> tuple[pexpect.spawn, io.StringIO]:
+    """The launcher in a pseudo-terminal, and the transcript of everything it printed."""
+    child = pexpect.spawn(sys.executable, ["-m", "vespa.cli.launcher", *args],
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=str(REPO), encoding="utf-8",
+                          timeout=15, dimensions=(40, 200))
+    child.logfile_read = transcript = io.StringIO()
+    return child, transcript
+
+
 def test_interactive_mode(home: Path, vast: Emulator) -> None:
     port = free_port()
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
-    transcript = io.StringIO()
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "vespa.cli.launcher", "--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url],
-        env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
-    )
-    child.logfile_read = transcript
+    child, transcript = in_terminal(["--console-url", vast.console_url, "--autoscaler-url", vast.autoscaler_url],
+                                    {"HOME": str(home)})
     try:
         child.expect("Vespa - Interactive Setup")
         child.expect("Enter account API key: ")
@@ -577,15 +580,9 @@ def test_interactive_enter_picks_the_only_endpoint_and_bad_typed_keys_are_explai
 ) -> None:
     port = free_port()
     config_home = tmp_path / "cfg"  # XDG_CONFIG_HOME outside HOME: the key goes there, as vastai's does
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(config_home)}
-    transcript = io.StringIO()
     with Emulator(EmulatorConfig(endpoints=[EndpointConfig(name="solo", workers=1)], console_rate_limit=None)) as emu:
-        child = pexpect.spawn(
-            sys.executable,
-            ["-m", "vespa.cli.launcher", "--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
-            env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
-        )
-        child.logfile_read = transcript
+        child, transcript = in_terminal(["--console-url", emu.console_url, "--autoscaler-url", emu.autoscaler_url],
+                                        {"HOME": str(home), "XDG_CONFIG_HOME": str(config_home)})
         try:
             child.expect("Enter account API key: ")
             child.sendline("SECRETMARKER pasted with a space")
@@ -613,14 +610,8 @@ def test_interactive_enter_picks_the_only_endpoint_and_bad_typed_keys_are_explai
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_list_asks_for_the_account_key_in_a_terminal(home: Path, vast: Emulator) -> None:
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "VAST_API_KEY": ep_key(vast)}
-    transcript = io.StringIO()
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "vespa.cli.launcher", "--list", "--console-url", vast.console_url],
-        env=env, cwd=str(REPO), encoding="utf-8", timeout=15, dimensions=(40, 200),
-    )
-    child.logfile_read = transcript
+    child, transcript = in_terminal(["--list", "--console-url", vast.console_url],
+                                    {"HOME": str(home), "VAST_API_KEY": ep_key(vast)})
     try:
         child.expect("note: The key in env VAST_API_KEY is read as an endpoint key")
         child.expect("Enter account API key: ")

@@ -39,10 +39,6 @@ def read(path: Path) -> list[http.HTTPFlow]:
         return [flow for flow in io.FlowReader(f).stream() if isinstance(flow, http.HTTPFlow)]
 
 
-def replayable(flows: list[http.HTTPFlow]) -> list[http.HTTPFlow]:
-    return [f for f in flows if f.websocket is None and f.request.raw_content is not None]
-
-
 def command(mitmdump: Path, addon: Path, flows_file: Path, out_file: Path, options: list[str], extra: list[str]) -> list[str]:
     """mitmdump without a listening proxy (-n), replaying the file (-C), then exiting."""
     return [str(mitmdump), "-n", "-C", str(flows_file), "-s", str(addon), *options, "-w", str(out_file), *extra]

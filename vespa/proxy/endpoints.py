@@ -55,8 +55,6 @@ HEADER = "X-Vast-Endpoint"
 AUTO: Literal["auto"] = "auto"
 DEFAULT_COST = 1.0
 DEFAULT_FALLBACK_AFTER_S = 30.0
-# Bodies above this are not parsed for `model` (the proxy's own body limit is far below).
-MODEL_SCAN_LIMIT = 64 * 1024 * 1024
 # Where `cost = "auto"` looks in the body, in order; the last is TGI's nested form.
 WORKLOAD_FIELDS: tuple[tuple[str, ...], ...] = (
     ("max_tokens",), ("max_completion_tokens",), ("max_new_tokens",), ("parameters", "max_new_tokens"),
@@ -285,19 +283,6 @@ def choose(catalog: Catalog, header_value: str | None, body_model: str | None) -
         return catalog.specs[0]  # one endpoint: every request goes there, whatever its model (as before)
     asked = f"model {_short(body_model)} is" if body_model is not None else "the request names no model and is"
     raise ModelNotFound(f"{asked} not served here; the models are {_listing(catalog.models)}")
-
-
-def model_of(body: bytes, limit: int = MODEL_SCAN_LIMIT) -> str | None:
-    """The `model` string of a JSON object body, or None; never raises."""
-    # Cheap exit: without the literal key (or an escape that could spell it) there is no model.
-    if not body or len(body) > limit or (b'"model"' not in body and b"\\u" not in body):
-        return None
-    try:
-        data = json.loads(body.decode("utf-8"))  # strict UTF-8, as the proxy checks bodies
-    except (ValueError, RecursionError, MemoryError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
 
 
 def workload(headers_cost: str | None, body: Mapping[str, Any] | None, spec_cost: Cost,

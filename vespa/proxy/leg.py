@@ -211,10 +211,7 @@ class WorkerLeg:
             self.in_flight -= 1
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        payload, body = b"", None
-        if request.method in wire.BODY_METHODS:
-            payload = await self._payload(request)
-            body = check_json(payload) if payload.strip() else None
+        payload, body = await self._payload(request) if request.method in wire.BODY_METHODS else (b"", None)
         if len(self.catalog) > 1 and request.method in ("GET", "HEAD") and request.path.rstrip("/") == "/v1/models":
             # Answered here: no route call, no worker woken, every endpoint's models listed.
             return web.json_response(endpoints.models_list(self.catalog, self.started))
@@ -227,13 +224,12 @@ class WorkerLeg:
             return _error_response(e, {"endpoint": spec.name})
         return await self._relay(request, forwarded)
 
-    async def _payload(self, request: web.BaseRequest) -> bytes:
+    async def _payload(self, request: web.BaseRequest) -> tuple[bytes, Any]:
+        """The body as the worker will get it, and parsed (None when empty): parsed once."""
         limit = self.config.max_body_bytes
         raw = await read_bounded(request.content, limit)
         payload = decode(raw, request.headers.get("content-encoding", ""), limit)
-        if payload.strip():
-            check_json(payload)
-        return payload
+        return payload, check_json(payload) if payload.strip() else None
 
     async def forward(self, spec: endpoints.EndpointSpec, out: fallback.Outgoing,
                       claim: fallback.Claim | None = None) -> Forwarded | None:

@@ -69,8 +69,6 @@ class Router:
         self._url = settings.autoscaler_url.rstrip("/") + "/route/"
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
-        # Autoscaler round trip of the last answered /route/ call, for vespa.status.
-        self.last_call_ms: float | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running loop that will own it. Never re-created after
@@ -152,11 +150,9 @@ class Router:
         s = self.settings
         for attempt in range(s.max_attempts):
             try:
-                sent_at = time.monotonic()
                 async with self._client().post(self._url, json=body.to_json()) as resp:
                     data = await resp.read()
                     status = resp.status
-                self.last_call_ms = (time.monotonic() - sent_at) * 1000
             except asyncio.TimeoutError:
                 failure: Exception = RouteTimeout(
                     f"the autoscaler did not answer /route/ within {s.call_timeout_s:g} s"
